@@ -1,0 +1,16 @@
+# The README's two commands: `make run` (set up + run the main job) and `make test` (set up + tests).
+VENV ?= .venv
+ARGS ?=
+
+.PHONY: setup run test lint
+setup:
+	@bash scripts/setup_env.sh
+
+run: setup
+	$(VENV)/bin/dop $(ARGS)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check dop tests scripts
