@@ -1,0 +1,464 @@
+"""The operation-pruning engine: per-instance, reversible, gather/scatter.
+
+``prune(model, policy)`` overrides ``forward`` on each decoder-layer *instance* of one model (never a
+class) and adds a forward pre-hook on the module that receives ``input_ids``; leaving the ``with``
+block restores the model exactly. Per decoder layer, for the rows a policy keeps:
+
+- Q and O projections and attention only for kept query rows; K and V only for kept key rows;
+- RoPE at each row's original position (rows of the model's own per-token cos/sin);
+- a mask built from original sequence indices: causal, padding, and kept keys only;
+- the residual is updated only at kept query rows, the MLP runs only on kept MLP rows;
+- a kept query row that sees no kept key skips the attention block (like a pruned q row);
+- the KV cache of a layer stores only its kept key rows; decoding masks use the engine's own record
+  of each cached row's original index.
+
+A layer whose rows are all kept runs the model's own forward, untouched; with ``Policy()`` every
+layer does, so logits are ``torch.equal`` to the unpatched model.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dop.adapters import Adapter, get_adapter
+from dop.ops import OpType
+from dop.policy import Policy
+
+_LAYER_PARTS = ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")
+_ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class EngineError(RuntimeError):
+    """The engine cannot run this model or this call."""
+
+
+@dataclass
+class _Rows:
+    """Kept rows of one operation type in one layer, per sample.
+
+    ``idx`` (B, M) holds sorted kept sequence indices; samples with fewer than M kept rows are
+    padded with T, the index of a scratch row appended to the hidden states, and flagged in ``ok``.
+    ``full`` means every row of every sample is kept (no gather needed).
+    """
+
+    idx: torch.Tensor
+    ok: torch.Tensor
+    full: bool
+
+    @property
+    def count(self) -> int:
+        return self.idx.shape[1]
+
+    @classmethod
+    def from_mask(cls, keep: torch.Tensor) -> _Rows:
+        B, T = keep.shape
+        if bool(keep.all()):
+            idx = torch.arange(T, device=keep.device).expand(B, T)
+            return cls(idx, torch.ones_like(keep), True)
+        pos = torch.arange(T, device=keep.device).expand(B, T)
+        idx = torch.where(keep, pos, torch.full_like(pos, T)).sort(dim=1).values
+        m = int(keep.sum(dim=1).max())
+        idx = idx[:, :m]
+        return cls(idx, idx < T, False)
+
+    def same_as(self, other: _Rows) -> bool:
+        return self.idx.shape == other.idx.shape and bool(torch.equal(self.idx, other.idx))
+
+
+@dataclass
+class _LayerPlan:
+    q: _Rows
+    kv: _Rows
+    mlp: _Rows
+    dense: bool  # every valid row kept for every type: run the layer's own forward
+
+
+@dataclass
+class _CallState:
+    """What one forward call (prefill or decode step) needs across layers."""
+
+    decode: bool
+    past: int  # logical number of positions before this call
+    length: int  # tokens in this call
+    valid: torch.Tensor  # (B, T) non-padding rows of this call
+    groups: dict[str, torch.Tensor] = field(default_factory=dict)
+    plans: dict[int, _LayerPlan] = field(default_factory=dict)
+
+
+@dataclass
+class _CacheRecord:
+    """Original sequence index and validity of every row in each layer's KV cache."""
+
+    cache_ref: weakref.ReferenceType | None
+    length: int = 0  # logical length (prompt + generated so far)
+    kv_orig: dict[int, torch.Tensor] = field(default_factory=dict)
+    kv_valid: dict[int, torch.Tensor] = field(default_factory=dict)
+    kv_pruned: bool = False  # some layer cached fewer rows than the logical length
+
+
+class Pruner:
+    """Installs a policy on one model instance. Use through :func:`prune`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: Policy,
+        *,
+        adapter: Adapter | None = None,
+        prefix: tuple[int, torch.Tensor] | None = None,
+    ) -> None:
+        self.model = model
+        self.policy = policy
+        self.adapter = adapter or get_adapter(model)
+        self.layers = self.adapter.decoder_layers()
+        self.num_layers = len(self.layers)
+        policy.validate(self.num_layers, groups=self.adapter.group_names)
+        self._check_layers()
+        self.prefix = prefix
+        if prefix is not None:
+            depth, hidden = prefix
+            # hidden_states[L] of a transformers output is after the final norm: no valid prefix
+            if not 0 <= int(depth) < self.num_layers:
+                raise EngineError(f"prefix depth {depth} outside 0..{self.num_layers - 1}")
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+                raise EngineError("prefix hidden state must be a (batch, seq, hidden) tensor")
+        self.layer_forwards = 0  # decoder-layer forwards actually computed (for sweep accounting)
+        self.kept_rows: dict[int, dict[str, list[int]]] = {}  # last prefill: layer -> type -> per-sample
+        self._call: _CallState | None = None
+        self._record: _CacheRecord | None = None
+        self._hook = None
+        self._patched: list[tuple[nn.Module, str, object]] = []
+
+    # --- install / remove ------------------------------------------------------------------
+    def _check_layers(self) -> None:
+        for i, layer in enumerate(self.layers):
+            missing = [p for p in _LAYER_PARTS if not hasattr(layer, p)]
+            missing += [f"self_attn.{p}" for p in _ATTN_PARTS if not hasattr(getattr(layer, "self_attn", None), p)]
+            if missing:
+                raise EngineError(
+                    f"decoder layer {i} ({type(layer).__name__}) lacks {missing}: unsupported layer recipe"
+                )
+            if hasattr(layer, "pre_feedforward_layernorm"):
+                raise EngineError(f"{type(layer).__name__}: sandwich-norm layers (Gemma) are not supported")
+            if getattr(layer.self_attn, "sliding_window", None) is not None:
+                raise EngineError(f"decoder layer {i} uses sliding-window attention, which is not supported")
+
+    def install(self) -> Pruner:
+        if self._hook is not None:
+            raise EngineError("this Pruner is already installed")
+        module = self.adapter.input_module()
+        self._hook = module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        for i, layer in enumerate(self.layers):
+            # accelerate-dispatched layers already hold an instance `forward`; patch its inner one
+            name = "_old_forward" if hasattr(layer, "_hf_hook") and "_old_forward" in layer.__dict__ else "forward"
+            original = layer.__dict__.get(name, None)
+            own = original if original is not None else type(layer).forward.__get__(layer)
+            setattr(layer, name, types.MethodType(_make_layer_forward(self, i, own), layer))
+            self._patched.append((layer, name, original))
+        return self
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for layer, name, original in reversed(self._patched):
+            if original is None:
+                layer.__dict__.pop(name, None)
+            else:
+                setattr(layer, name, original)
+        self._patched.clear()
+        self._call = None
+        self._record = None
+
+    # --- per call ------------------------------------------------------------------------------
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if args:  # positional input_ids
+            kwargs = {"input_ids": args[0], **kwargs}
+        input_ids = kwargs.get("input_ids")
+        attn2d = kwargs.get("attention_mask")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        record = self._record
+        is_decode = (
+            record is not None
+            and cache is not None
+            and record.cache_ref is not None
+            and record.cache_ref() is cache
+            and record.length > 0
+        )
+        if not is_decode:
+            self.adapter.check_inputs(kwargs)
+            T = input_ids.shape[1]
+            valid = _valid_rows(attn2d, T, input_ids)
+            groups = self.adapter.token_groups(input_ids, attn2d)
+            self._record = _CacheRecord(weakref.ref(cache) if cache is not None else None, length=T)
+            self._call = _CallState(False, 0, T, valid, groups)
+            self.kept_rows = {}
+        else:
+            if self.prefix is not None:
+                raise EngineError("prefix reuse is for scoring a prefill, not for decoding")
+            T = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+            past = record.length
+            valid = _valid_rows(attn2d, T, input_ids, past=past)
+            record.length = past + T
+            self._call = _CallState(True, past, T, valid)
+        return None
+
+    def _plan(self, layer_idx: int, call: _CallState) -> _LayerPlan:
+        plan = call.plans.get(layer_idx)
+        if plan is not None:
+            return plan
+        keep = {}
+        for op_type in (OpType.Q, OpType.KV, OpType.MLP):
+            mask = call.valid.clone()
+            for group in self.policy.pruned_groups(layer_idx, op_type):
+                g = call.groups.get(group)
+                if g is not None:
+                    mask &= ~g
+            keep[op_type] = mask
+        dense = all(bool(torch.equal(m, call.valid)) for m in keep.values())
+        rows = {t: _Rows.from_mask(m) for t, m in keep.items()}
+        plan = _LayerPlan(rows[OpType.Q], rows[OpType.KV], rows[OpType.MLP], dense)
+        call.plans[layer_idx] = plan
+        self.kept_rows[layer_idx] = {t.value: m.sum(dim=1).tolist() for t, m in keep.items()}
+        return plan
+
+
+def _valid_rows(attn2d: torch.Tensor | None, T: int, input_ids: torch.Tensor | None, past: int = 0) -> torch.Tensor:
+    if attn2d is None:
+        B = input_ids.shape[0] if input_ids is not None else 1
+        device = input_ids.device if input_ids is not None else None
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    if attn2d.dim() != 2:
+        raise EngineError(f"the engine needs a 2-D attention_mask (batch, seq), got shape {tuple(attn2d.shape)}")
+    return attn2d[:, past : past + T].bool()
+
+
+def _make_layer_forward(pruner: Pruner, layer_idx: int, own_forward):
+    def forward(layer: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        call = pruner._call
+        if call is None:  # not inside a model call we saw (e.g. a direct layer call)
+            return own_forward(hidden_states, *args, **kwargs)
+        if pruner.prefix is not None and not call.decode:
+            depth, hidden = pruner.prefix
+            if layer_idx < depth:  # the dense prefix: its output is known, skip the compute
+                _record_full(pruner, layer_idx, call)
+                return hidden.to(hidden_states.dtype) if layer_idx == depth - 1 else hidden_states
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        record = pruner._record
+        if call.decode:
+            pruner.layer_forwards += 1
+            if not record.kv_pruned:  # every cache holds every row: the model's own path is exact
+                _extend_full(record, layer_idx, call)
+                return own_forward(hidden_states, *args, **kwargs)
+            return _decode_layer(layer, layer_idx, hidden_states, kwargs, cache, pruner, call)
+        plan = pruner._plan(layer_idx, call)
+        pruner.layer_forwards += 1
+        if plan.dense:
+            _record_full(pruner, layer_idx, call)
+            return own_forward(hidden_states, *args, **kwargs)
+        return _prefill_layer(layer, layer_idx, hidden_states, kwargs, cache, pruner, call, plan)
+
+    return forward
+
+
+def _record_full(pruner: Pruner, layer_idx: int, call: _CallState) -> None:
+    record = pruner._record
+    T = call.length
+    B = call.valid.shape[0]
+    record.kv_orig[layer_idx] = torch.arange(T, device=call.valid.device).expand(B, T)
+    record.kv_valid[layer_idx] = call.valid
+
+
+def _extend_full(record: _CacheRecord, layer_idx: int, call: _CallState) -> None:
+    B, T = call.valid.shape
+    new = call.past + torch.arange(T, device=call.valid.device).expand(B, T)
+    record.kv_orig[layer_idx] = torch.cat([record.kv_orig[layer_idx], new], dim=1)
+    record.kv_valid[layer_idx] = torch.cat([record.kv_valid[layer_idx], call.valid], dim=1)
+
+
+# --- the layer computation ------------------------------------------------------------------
+def _gather(x: torch.Tensor, rows: _Rows) -> torch.Tensor:
+    if rows.full:
+        return x[:, : rows.count]
+    return x.gather(1, rows.idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _scatter(ext: torch.Tensor, rows: _Rows, values: torch.Tensor) -> torch.Tensor:
+    if rows.full:
+        return torch.cat([values, ext[:, rows.count :]], dim=1)
+    return ext.scatter(1, rows.idx.unsqueeze(-1).expand(-1, -1, ext.shape[-1]), values)
+
+
+def _rope_rows(position_embeddings, rows: _Rows, B: int):
+    cos, sin = position_embeddings
+    T = cos.shape[1]
+    cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
+    if rows.full:
+        return cos, sin
+    idx = rows.idx.clamp(max=T - 1).unsqueeze(-1).expand(-1, -1, cos.shape[-1])
+    return cos.gather(1, idx), sin.gather(1, idx)
+
+
+def _rotate(module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # The family's own rotate_half with the standard RoPE formula (Llama, Qwen2/2.5/3-VL, InternVL).
+    return x * cos.unsqueeze(1) + module.rotate_half(x) * sin.unsqueeze(1)
+
+
+def _attention_fn(attn: nn.Module, module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = attn.config._attn_implementation
+    if impl in ("eager", "sdpa"):
+        return impl, ALL_ATTENTION_FUNCTIONS.get_interface(impl, module.eager_attention_forward)
+    # Flash/flex kernels take no arbitrary 4-D mask; pruned layers run SDPA with the explicit mask.
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return "sdpa", sdpa_attention_forward
+
+
+def _project(attn: nn.Module, x: torch.Tensor, proj: str, norm: str | None) -> torch.Tensor:
+    B, M, _ = x.shape
+    linear = getattr(attn, proj)
+    y = linear(x).view(B, M, linear.out_features // attn.head_dim, attn.head_dim)
+    if norm is not None and hasattr(attn, norm):  # q_norm/k_norm act per head (Qwen3-VL)
+        y = getattr(attn, norm)(y)
+    return y.transpose(1, 2)
+
+
+def _attend(
+    layer: nn.Module,
+    x_q: torch.Tensor,
+    q_orig: torch.Tensor,
+    cos_q: torch.Tensor,
+    sin_q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_orig: torch.Tensor,
+    kv_valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of kept query rows over the given keys; returns (o_proj output, has_key)."""
+    attn = layer.self_attn
+    module = sys.modules[type(attn).__module__]
+    q = _project(attn, x_q, "q_proj", "q_norm")
+    q = _rotate(module, q, cos_q, sin_q)
+    allowed = kv_valid[:, None, :] & (kv_orig[:, None, :] <= q_orig[:, :, None])
+    has_key = allowed.any(dim=-1)
+    impl, fn = _attention_fn(attn, module)
+    mask = allowed[:, None]
+    if impl == "eager":
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
+    out, _ = fn(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+    B, M = x_q.shape[:2]
+    out = attn.o_proj(out.reshape(B, M, -1).contiguous())
+    return out, has_key
+
+
+def _prefill_layer(
+    layer: nn.Module,
+    layer_idx: int,
+    hidden: torch.Tensor,
+    kwargs: dict,
+    cache,
+    pruner: Pruner,
+    call: _CallState,
+    plan: _LayerPlan,
+) -> torch.Tensor:
+    attn = layer.self_attn
+    module = sys.modules[type(attn).__module__]
+    B, T, D = hidden.shape
+    record = pruner._record
+    # A scratch row T takes the writes of padded index slots (samples with fewer kept rows).
+    ext = torch.cat([hidden, hidden.new_zeros(B, 1, D)], dim=1)
+    position_embeddings = kwargs["position_embeddings"]
+
+    # Key/value side: kept kv rows only, RoPE at their original positions.
+    h_kv = layer.input_layernorm(_gather(ext, plan.kv))
+    k = _project(attn, h_kv, "k_proj", "k_norm")
+    v = _project(attn, h_kv, "v_proj", None)
+    cos_kv, sin_kv = _rope_rows(position_embeddings, plan.kv, B)
+    k = _rotate(module, k, cos_kv, sin_kv)
+    kv_orig, kv_valid = plan.kv.idx, plan.kv.ok & (plan.kv.idx < T)
+    if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx)
+    record.kv_orig[layer_idx], record.kv_valid[layer_idx] = kv_orig, kv_valid
+    if plan.kv.count < T or not bool(kv_valid.all()):
+        record.kv_pruned = True
+
+    # Query side: kept q rows attend over kept keys; residual added only there.
+    if plan.q.count:
+        x_q = _gather(ext, plan.q)
+        h_q = h_kv if plan.q.same_as(plan.kv) else layer.input_layernorm(x_q)
+        cos_q, sin_q = (cos_kv, sin_kv) if plan.q.same_as(plan.kv) else _rope_rows(position_embeddings, plan.q, B)
+        o, has_key = _attend(layer, h_q, plan.q.idx, cos_q, sin_q, k, v, kv_orig, kv_valid)
+        x_q = x_q + torch.where(has_key.unsqueeze(-1), o, torch.zeros((), dtype=o.dtype, device=o.device))
+        ext = _scatter(ext, plan.q, x_q)
+
+    # MLP on kept rows.
+    if plan.mlp.count:
+        x_m = _gather(ext, plan.mlp)
+        x_m = x_m + layer.mlp(layer.post_attention_layernorm(x_m))
+        ext = _scatter(ext, plan.mlp, x_m)
+    return ext[:, :T]
+
+
+def _decode_layer(
+    layer: nn.Module,
+    layer_idx: int,
+    hidden: torch.Tensor,
+    kwargs: dict,
+    cache,
+    pruner: Pruner,
+    call: _CallState,
+) -> torch.Tensor:
+    """A decode step: all new rows kept; keys are this layer's cached kept rows plus the new ones."""
+    attn = layer.self_attn
+    module = sys.modules[type(attn).__module__]
+    record = pruner._record
+    B, T, _ = hidden.shape
+    cos, sin = (t.expand(B, -1, -1) for t in kwargs["position_embeddings"])
+    h = layer.input_layernorm(hidden)
+    k = _rotate(module, _project(attn, h, "k_proj", "k_norm"), cos, sin)
+    v = _project(attn, h, "v_proj", None)
+    if cache is None:
+        raise EngineError("a decode step needs the KV cache of the prefill")
+    k, v = cache.update(k, v, attn.layer_idx)
+    _extend_full(record, layer_idx, call)
+    kv_orig, kv_valid = record.kv_orig[layer_idx], record.kv_valid[layer_idx]
+    if kv_orig.shape[1] != k.shape[2]:
+        raise EngineError(
+            f"layer {layer_idx}: KV cache holds {k.shape[2]} rows but the engine recorded {kv_orig.shape[1]}; "
+            "was the cache used outside this prune() block?"
+        )
+    q_orig = call.past + torch.arange(T, device=hidden.device).expand(B, T)
+    o, has_key = _attend(layer, h, q_orig, cos, sin, k, v, kv_orig, kv_valid)
+    x = hidden + torch.where(has_key.unsqueeze(-1), o, torch.zeros((), dtype=o.dtype, device=o.device))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+@contextmanager
+def prune(
+    model: nn.Module,
+    policy: Policy | None = None,
+    *,
+    adapter: Adapter | None = None,
+    prefix: tuple[int, torch.Tensor] | None = None,
+) -> Iterator[Pruner]:
+    """Run ``model`` under ``policy`` inside the block; the model is restored on exit.
+
+    ``prefix=(D, hidden_D)`` starts layer D from a known dense hidden state (layers < D are skipped);
+    it serves divergence sweeps, whose layers shallower than the pruning depth are exactly dense.
+    """
+    pruner = Pruner(model, policy if policy is not None else Policy(), adapter=adapter, prefix=prefix)
+    pruner.install()
+    try:
+        yield pruner
+    finally:
+        pruner.remove()

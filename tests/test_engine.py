@@ -1,0 +1,183 @@
+"""The engine against the unpatched model and an independent masking reference."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from reference import reference_groups, reference_prune
+from tiny_models import BUILDERS, IDS
+
+from dop.adapters import AdapterError, get_adapter
+from dop.engine import prune
+from dop.ops import Operation
+from dop.policy import DepthPolicy, Policy, PolicyError
+
+FAMILIES = list(BUILDERS)
+ATTNS = ["eager", "sdpa"]
+
+
+def random_policy(num_layers: int, seed: int, p: float = 0.3) -> Policy:
+    rng = random.Random(seed)
+    return Policy(
+        Operation(layer, group, kind)
+        for layer in range(num_layers)
+        for group in ("system", "vision", "instruction")
+        for kind in ("q", "kv", "mlp")
+        if rng.random() < p
+    )
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_is_bit_exact(family, attn):
+    model, make_inputs = BUILDERS[family](attn=attn)
+    for batch in (1, 3):
+        inputs = make_inputs(batch, seed=batch)
+        stock = model(**inputs).logits
+        with prune(model, Policy()) as pruner:
+            ours = model(**inputs).logits
+        assert torch.equal(stock, ours)
+        assert pruner.layer_forwards == len(get_adapter(model).decoder_layers())
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_policies_match_reference(family, attn):
+    model, make_inputs = BUILDERS[family](attn=attn)
+    adapter = get_adapter(model)
+    inputs = make_inputs(3, seed=7)
+    valid = inputs["attention_mask"].bool()
+    groups = reference_groups(inputs["input_ids"], inputs["attention_mask"], adapter.vision_token_ids())
+    for seed in range(3):
+        policy = random_policy(adapter.num_layers, seed)
+        with prune(model, policy):
+            ours = model(**inputs).logits
+        with reference_prune(model, adapter.decoder_layers(), policy, groups, valid):
+            ref = model(**inputs, use_cache=False).logits
+        torch.testing.assert_close(ours[valid], ref[valid], atol=1e-5, rtol=0)
+
+
+def test_engine_really_skips_rows():
+    model, make_inputs = BUILDERS["llava"](attn="sdpa")
+    inputs = make_inputs(1)
+    n_vision = int((inputs["input_ids"] == IDS["<image>"]).sum())
+    T = inputs["input_ids"].shape[1]
+    policy = DepthPolicy({("kv", "vision"): 2, ("mlp", "vision"): 1}).expand(4, dead_ops=False)
+    with prune(model, policy) as pruner:
+        model(**inputs)
+    assert pruner.kept_rows[1] == {"q": [T], "kv": [T], "mlp": [T - n_vision]}
+    assert pruner.kept_rows[3] == {"q": [T], "kv": [T - n_vision], "mlp": [T - n_vision]}
+    # KV cache of a pruned layer holds only the kept rows
+    with prune(model, policy):
+        out = model(**inputs, use_cache=True)
+    lengths = [layer.keys.shape[2] for layer in out.cache.layers]
+    assert lengths == [T, T, T - n_vision, T - n_vision]
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+def test_batch_invariance(family, attn):
+    model, make_inputs = BUILDERS[family](attn=attn)
+    policy = random_policy(4, seed=11, p=0.35)
+    batch = make_inputs(3, seed=5)
+    with prune(model, policy):
+        together = model(**batch).logits
+    for i in range(3):
+        single = make_inputs(3, seed=5)
+        keep = single["attention_mask"][i].bool()
+        alone = {k: v[i : i + 1][:, keep] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+                 for k, v in single.items()}
+        if "pixel_values" in alone and family == "llava":
+            alone["pixel_values"] = single["pixel_values"][i : i + 1]
+        if family == "llava_next":
+            alone["pixel_values"] = single["pixel_values"][i : i + 1]
+            alone["image_sizes"] = single["image_sizes"][i : i + 1]
+        if family == "qwen2_vl":
+            grid = single["image_grid_thw"]
+            counts = grid.prod(-1).tolist()
+            start = sum(counts[:i])
+            alone["pixel_values"] = single["pixel_values"][start : start + counts[i]]
+            alone["image_grid_thw"] = grid[i : i + 1]
+        with prune(model, policy):
+            solo = model(**alone).logits[0]
+        torch.testing.assert_close(solo, together[i][keep], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+def test_cached_generation_equals_recomputation(family, attn):
+    model, make_inputs = BUILDERS[family](attn=attn)
+    inputs = make_inputs(3, seed=2)
+    # Generated tokens are never pruned: policies on system/vision make recomputation comparable.
+    policy = DepthPolicy({("kv", "vision"): 1, ("q", "system"): 2, ("mlp", "vision"): 0,
+                          ("kv", "system"): 3}).expand(4)
+    specials = [[IDS[t]] for t in ("<image>", "<|image_pad|>", "<|vision_start|>", "<|video_pad|>")]
+    with prune(model, policy):
+        gen = model.generate(**inputs, max_new_tokens=8, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, bad_words_ids=specials, min_new_tokens=8)
+    T0 = inputs["input_ids"].shape[1]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for step in range(8):
+        ids = gen.sequences[:, : T0 + step]
+        mask = torch.cat([inputs["attention_mask"], torch.ones(3, step, dtype=torch.long)], dim=1)
+        if "mm_token_type_ids" in inputs:
+            tt = inputs["mm_token_type_ids"]
+            extra["mm_token_type_ids"] = torch.cat([tt, torch.zeros(3, step, dtype=tt.dtype)], dim=1)
+        with prune(model, policy):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1]
+        torch.testing.assert_close(logits, gen.logits[step], atol=1e-5, rtol=0)
+
+
+def test_prefix_reuse_equals_full_run():
+    model, make_inputs = BUILDERS["llava"](attn="sdpa", layers=6)
+    inputs = make_inputs(2, seed=3)
+    dense = model(**inputs, output_hidden_states=True)
+    for depth in range(6):
+        policy = DepthPolicy({("kv", "vision"): depth, ("mlp", "system"): depth}).expand(6)
+        with prune(model, policy) as full:
+            expected = model(**inputs).logits
+        with prune(model, policy, prefix=(depth, dense.hidden_states[depth])) as reuse:
+            got = model(**inputs).logits
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        assert full.layer_forwards == 6 and reuse.layer_forwards == 6 - depth
+
+
+def test_install_is_reversible_and_per_instance():
+    model, make_inputs = BUILDERS["llava"](attn="sdpa")
+    other, _ = BUILDERS["llava"](attn="sdpa")
+    layers = get_adapter(model).decoder_layers()
+    cls_forward = type(layers[0]).forward
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with prune(model, random_policy(4, 0)):
+        assert "forward" in layers[0].__dict__
+        assert "forward" not in get_adapter(other).decoder_layers()[0].__dict__
+        assert type(layers[0]).forward is cls_forward
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    assert not get_adapter(model).input_module()._forward_pre_hooks
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    inputs = make_inputs(1)
+    with prune(model, random_policy(4, 1)):
+        model(**inputs)
+    assert model.config.to_dict() == other.config.to_dict()  # the config never carries method knobs
+
+
+def test_bad_inputs_name_the_field():
+    model, make_inputs = BUILDERS["llava"](attn="sdpa")
+    with pytest.raises(PolicyError, match="group 'image'"):
+        with prune(model, Policy([Operation(0, "image", "kv")])):
+            pass
+    with pytest.raises(ValueError, match="operation type 'ffn'"):
+        Operation(0, "vision", "ffn")
+    with pytest.raises(PolicyError, match="layer 9 is past"):
+        with prune(model, Policy([Operation(9, "vision", "kv")])):
+            pass
+    with pytest.raises(PolicyError, match="32 decoder layers|num_layers=32"):
+        with prune(model, Policy([Operation(1, "vision", "kv")], num_layers=32, model="llava-hf/llava-1.5-7b-hf")):
+            pass
+    inputs = make_inputs(1)
+    inputs.pop("pixel_values")
+    with prune(model, Policy([Operation(1, "vision", "kv")])):
+        with pytest.raises(AdapterError, match="images missing"):
+            model(**inputs)
