@@ -180,11 +180,11 @@ class Pruner:
 
     # --- per call ------------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        if args:  # positional input_ids
-            kwargs = {"input_ids": args[0], **kwargs}
-        input_ids = kwargs.get("input_ids")
-        attn2d = kwargs.get("attention_mask")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen = {"input_ids": args[0], **kwargs} if args else kwargs  # input_ids may be positional
+        input_ids = seen.get("input_ids")
+        attn2d = seen.get("attention_mask")
+        cache = seen.get("cache", seen.get("past_key_values"))
+        changed = False
         record = self._record
         is_decode = (
             record is not None
@@ -194,7 +194,16 @@ class Pruner:
             and record.length > 0
         )
         if not is_decode:
-            self.adapter.check_inputs(kwargs)
+            self.adapter.check_inputs(seen)
+            use_cache = seen.get("use_cache")
+            use_cache = getattr(self.model.config, "use_cache", True) if use_cache is None else use_cache
+            if cache is None and use_cache and not self.policy.is_identity:
+                # Own the cache the model would create inside, so later decode calls are recognised.
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.model.config)
+                kwargs["cache"] = cache
+                changed = True
             T = input_ids.shape[1]
             valid = _valid_rows(attn2d, T, input_ids)
             groups = self.adapter.token_groups(input_ids, attn2d)
@@ -204,12 +213,12 @@ class Pruner:
         else:
             if self.prefix is not None:
                 raise EngineError("prefix reuse is for scoring a prefill, not for decoding")
-            T = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+            T = (input_ids if input_ids is not None else seen["inputs_embeds"]).shape[1]
             past = record.length
             valid = _valid_rows(attn2d, T, input_ids, past=past)
             record.length = past + T
             self._call = _CallState(True, past, T, valid)
-        return None
+        return (args, kwargs) if changed else None
 
     def _plan(self, layer_idx: int, call: _CallState) -> _LayerPlan:
         plan = call.plans.get(layer_idx)

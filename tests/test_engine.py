@@ -181,3 +181,17 @@ def test_bad_inputs_name_the_field():
     with prune(model, Policy([Operation(1, "vision", "kv")])):
         with pytest.raises(AdapterError, match="images missing"):
             model(**inputs)
+
+
+def test_manual_decode_loop_without_passing_a_cache():
+    model, make_inputs = BUILDERS["llava"](attn="sdpa")
+    inputs = make_inputs(2, seed=4)
+    policy = DepthPolicy({("kv", "vision"): 1, ("kv", "system"): 2}).expand(4)
+    with prune(model, policy):
+        out = model(**inputs)  # the model's cache, created for us, holds only kept rows
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
+        step = model(input_ids=nxt, attention_mask=mask, cache=out.cache).logits[:, -1]
+        full = model(input_ids=torch.cat([inputs["input_ids"], nxt], 1), attention_mask=mask,
+                     pixel_values=inputs["pixel_values"], use_cache=False).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=0)

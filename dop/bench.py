@@ -1,0 +1,183 @@
+"""Engine latency benchmark: prefill latency of dense vs pruned policies next to their FLOPs.
+
+On a CPU it runs a real-width decoder slice (LLaMA-7B width, a few layers, random weights, the
+LLaVA-1.5 prompt shape of 35 + 576 + 100 tokens); on a GPU the same slice or a full model. It prints,
+per policy, the FLOPs reduction, the latency reduction and their ratio (1.0 = latency falls as
+fast as FLOPs). ``dop stage=bench`` and ``scripts/bench_engine.py`` call :func:`run_bench`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dop.engine import prune
+from dop.ops import INSTRUCTION, SYSTEM, VISION
+from dop.policy import DepthPolicy, Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchRow:
+    policy: str
+    flops: float  # decoder prefill FLOPs, dop convention
+    flops_reduction: float
+    latency_s: float  # median prefill latency (whole model: vision tower, decoder, last-position head)
+    latency_reduction: float
+    ratio: float  # latency_reduction / flops_reduction
+
+
+def build_slice(
+    num_layers: int = 4,
+    hidden_size: int = 4096,
+    intermediate_size: int = 11008,
+    num_heads: int = 32,
+    num_kv_heads: int = 32,
+    n_system: int = 35,
+    n_vision: int = 576,
+    n_instruction: int = 100,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    device: str = "cpu",
+    seed: int = 0,
+):
+    """A random-weight ``LlavaForConditionalGeneration`` of real decoder width and its inputs.
+
+    The vision tower is a one-layer CLIP sized so its patch count equals ``n_vision`` (a square);
+    the vocabulary is small because only the last position's logits are computed.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    side = int(round(n_vision**0.5))
+    if side * side != n_vision:
+        raise ValueError(f"n_vision={n_vision} must be a square number of patches")
+    torch.manual_seed(seed)
+    vocab, image_id = 1024, 3
+    vcfg = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=side * 14, patch_size=14, projection_dim=64)
+    tcfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                       num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                       num_key_value_heads=num_kv_heads, max_position_embeddings=4096,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_index=image_id,
+                      image_seq_length=n_vision, vision_feature_select_strategy="default", vision_feature_layer=-1)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(10, vocab, (1, n_system + n_instruction), generator=g)
+    input_ids = torch.cat([text[:, :n_system], torch.full((1, n_vision), image_id), text[:, n_system:]], dim=1)
+    inputs = {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "pixel_values": torch.randn(1, 3, side * 14, side * 14, generator=g).to(device, dtype),
+    }
+    groups = {SYSTEM: n_system, VISION: n_vision, INSTRUCTION: n_instruction}
+    return model, inputs, groups
+
+
+def default_policies(num_layers: int) -> dict[str, Policy | None]:
+    """Stock model, identity policy, and pruned policies from mild to > 75% of decoder FLOPs."""
+    return {
+        "stock": None,
+        "identity": Policy(),
+        "vision_mlp_from_1": DepthPolicy({("mlp", VISION): 1}).expand(num_layers),
+        "vision_from_1": DepthPolicy({("attn", VISION): 1, ("mlp", VISION): 1}).expand(num_layers),
+        "vision_from_0": DepthPolicy({("attn", VISION): 0, ("mlp", VISION): 0}).expand(num_layers),
+    }
+
+
+def _time(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_bench(
+    model=None,
+    inputs: dict | None = None,
+    groups: dict | None = None,
+    policies: dict[str, Policy | None] | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+    **slice_kwargs,
+) -> list[BenchRow]:
+    """Time every policy (interleaved rounds, so drift hits all alike) and compare with FLOPs."""
+    from dop.flops import count_flops
+
+    if model is None:
+        model, inputs, groups = build_slice(**slice_kwargs)
+    text_config = model.config.get_text_config(decoder=True)
+    num_layers = text_config.num_hidden_layers
+    policies = policies if policies is not None else default_policies(num_layers)
+
+    def call(policy):
+        def go():
+            with torch.inference_mode():
+                if policy is None:
+                    model(**inputs, logits_to_keep=1)
+                else:
+                    with prune(model, policy):
+                        model(**inputs, logits_to_keep=1)
+        return go
+
+    samples: dict[str, list[float]] = {name: [] for name in policies}
+    for name, policy in policies.items():  # warm-up each path once
+        _time(call(policy), repeats=0, warmup=warmup)
+    for _ in range(repeats):
+        for name, policy in policies.items():
+            samples[name].append(_time(call(policy), repeats=1, warmup=0))
+    dense_flops = count_flops(text_config, groups=groups, policy=Policy(), convention="dop")
+    base = statistics.median(samples["stock"]) if "stock" in samples else None
+    rows = []
+    for name, policy in policies.items():
+        flops = count_flops(text_config, groups=groups, policy=policy or Policy(), convention="dop")
+        latency = statistics.median(samples[name])
+        f_red = 1 - flops / dense_flops
+        l_red = 1 - latency / base if base else float("nan")
+        rows.append(BenchRow(name, flops, f_red, latency, l_red, l_red / f_red if f_red > 0 else float("nan")))
+    return rows
+
+
+def format_rows(rows: list[BenchRow]) -> str:
+    lines = ["| policy | TFLOPs | FLOPs cut | latency (s) | latency cut | cut ratio |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "-" if r.flops_reduction <= 0 else f"{r.ratio:.3f}"
+        lines.append(f"| {r.policy} | {r.flops / 1e12:.3f} | {100 * r.flops_reduction:.1f}% | {r.latency_s:.3f} | "
+                     f"{100 * r.latency_reduction:+.1f}% | {ratio} |")
+    return "\n".join(lines)
+
+
+def run(cfg) -> list[BenchRow]:
+    """``dop stage=bench``: the engine benchmark with ``cfg.bench`` knobs; writes bench.json/md."""
+    from omegaconf import OmegaConf
+
+    bench = OmegaConf.to_container(cfg.get("bench", {}), resolve=True) or {}
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    device = bench.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, bench.pop("dtype", "float32"))
+    repeats = int(bench.pop("repeats", 3))
+    rows = run_bench(repeats=repeats, device=device, dtype=dtype, **bench)
+    table = format_rows(rows)
+    print(f"engine benchmark ({device}, {torch.get_num_threads()} threads)\n{table}")
+    out = Path(cfg.paths.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    (out / "bench.md").write_text(table + "\n")
+    return rows
