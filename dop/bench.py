@@ -104,7 +104,7 @@ def _time(fn, repeats: int, warmup: int) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times) if times else 0.0
 
 
 def run_bench(
@@ -136,7 +136,7 @@ def run_bench(
         return go
 
     samples: dict[str, list[float]] = {name: [] for name in policies}
-    for name, policy in policies.items():  # warm-up each path once
+    for policy in policies.values():  # warm-up each path once
         _time(call(policy), repeats=0, warmup=warmup)
     for _ in range(repeats):
         for name, policy in policies.items():
