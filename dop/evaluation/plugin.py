@@ -1,0 +1,227 @@
+"""lmms-eval model plugin ``dop``: any model ``dop.models.load_model`` can load, dense or pruned.
+
+lmms-eval finds it through the entry point ``lmms_eval.models: dop = dop.evaluation.plugin:manifest``::
+
+    lmms-eval --model dop --model_args pretrained=tiny_llava,policy=policy.yaml,batch_size=8 \
+        --tasks dop_synthetic --include_path "$(python -m dop.evaluation.tasks)"
+
+In-process (what ``dop stage=evaluate`` does)::
+
+    lm = DopLMM.from_model(model, processor, policy=policy)
+    simple_evaluate(model=lm, tasks=[...], task_manager=TaskManager(model_name="dop", ...))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance
+from lmms_eval.api.model import lmms
+
+from dop.evaluation import scoring
+
+# The methods the plugin can apply. Baselines (issue 9) will add theirs here.
+KNOWN_METHODS: tuple[str, ...] = ("dense", "policy")
+
+# lmms-eval's prompt variants are chosen by model name; dop always asks for the same one.
+MODEL_NAME = "dop"
+
+
+def _check_method(method: str) -> str:
+    if method not in KNOWN_METHODS:
+        raise ValueError(f"dop plugin: unknown method {method!r}; known methods: {', '.join(KNOWN_METHODS)}")
+    return method
+
+
+def load_model_and_processor(pretrained: str, *, dtype: str | None = None, attn_implementation: str = "sdpa",
+                             device: str = "cpu"):
+    """``dop.models.load_model``; a plain ``from_pretrained`` of a local dir until that module exists."""
+    try:
+        from dop.models import load_model
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        return load_model(pretrained, dtype=dtype, attn_implementation=attn_implementation, device=device)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=torch_dtype,
+                                                        attn_implementation=attn_implementation)
+    return model.to(device).eval(), AutoProcessor.from_pretrained(pretrained)
+
+
+def load_policy(policy: Any):
+    """A ``Policy`` from a path (YAML), a ``Policy``, or None (dense)."""
+    if policy is None or policy == "" or policy == "none":
+        return None
+    from dop.policy import Policy
+
+    if isinstance(policy, Policy):
+        return policy
+    return Policy.from_yaml(str(policy))
+
+
+class DopLMM(lmms):
+    """An lmms-eval model wrapping a transformers MLLM, run dense or under a pruning policy.
+
+    model_args: ``pretrained`` (a ``load_model`` name or path), ``policy`` (a policy YAML),
+    ``method`` (``dense`` | ``policy``; default: ``policy`` when a policy is given),
+    ``batch_size``, ``dtype``, ``attn_implementation``, ``device``.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "tiny_llava",
+        policy: str | None = None,
+        method: str | None = None,
+        batch_size: int | str | None = 1,
+        dtype: str | None = None,
+        attn_implementation: str = "sdpa",
+        device: str | None = "cpu",
+        max_batch_size: int | None = None,
+        *,
+        model: Any = None,
+        processor: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            # lmms-eval passes e.g. device=None through; anything else is a typo worth hearing about.
+            unknown = {k: v for k, v in kwargs.items() if v is not None}
+            if unknown:
+                raise TypeError(f"dop plugin: unknown model_args {sorted(unknown)}")
+        self.policy = load_policy(policy)
+        method = method or ("policy" if self.policy is not None else "dense")
+        self.method = _check_method(method)
+        if self.method == "policy" and self.policy is None:
+            raise ValueError("dop plugin: method=policy needs policy=<policy.yaml>")
+        if self.method == "dense" and self.policy is not None and len(self.policy):
+            raise ValueError("dop plugin: method=dense with a non-identity policy; drop one of them")
+        if model is None:
+            model, processor = load_model_and_processor(pretrained, dtype=dtype,
+                                                        attn_implementation=attn_implementation,
+                                                        device=device or "cpu")
+        self.model = model.eval()
+        self.processor = processor
+        self.pretrained = pretrained
+        self.batch_size_per_gpu = int(batch_size) if batch_size not in (None, "auto") else 1
+        # Wall time spent in model calls and the number of requests served (the stage records latency).
+        self.stats: dict[str, float] = {"model_seconds": 0.0, "requests": 0}
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, policy: Any = None, method: str | None = None,
+                   batch_size: int = 1, name: str = "in-process") -> DopLMM:
+        """Wrap an already loaded model (no second copy in memory)."""
+        return cls(pretrained=name, policy=policy, method=method, batch_size=batch_size,
+                   model=model, processor=processor)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DopLMM:
+        """Like lmms-eval's, but ``model_args`` win over the CLI's ``--batch_size``/``--device``
+        (the base class passes both and fails with "multiple values for keyword argument")."""
+        from lmms_eval import utils
+
+        args = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        args.update(utils.simple_parse_args_string(arg_string))
+        return cls(**args)
+
+    # --- helpers -----------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def active_policy(self):
+        return self.policy if self.method == "policy" else None
+
+    def _doc_images(self, doc_to_visual: Any, doc_id: int, task: str, split: str) -> list[Any]:
+        if doc_to_visual is None or task not in self.task_dict:
+            return []
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+        return [v for v in visuals if hasattr(v, "convert")]  # PIL images only (no video/audio)
+
+    @staticmethod
+    def _chunks(items: Sequence[Any], size: int):
+        for start in range(0, len(items), size):
+            yield start, items[start : start + size]
+
+    # --- lmms-eval API --------------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Greedy generation, batched in request order (``until`` and ``max_new_tokens`` respected).
+
+        Requests are batched in the order lmms-eval gives them (document order), so batches match
+        ``scoring.score_synthetic`` exactly; requests with different generation kwargs are batched apart.
+        """
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            gen_kwargs = dict(req.args[1] or {})
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            key = (tuple(until), int(gen_kwargs.get("max_new_tokens", 128)))
+            groups.setdefault(key, []).append(i)
+        for (until, max_new_tokens), idx in groups.items():
+            for _, chunk in self._chunks(idx, self.batch_size):
+                prompts, images = [], []
+                for i in chunk:
+                    context, _, doc_to_visual, doc_id, task, split = requests[i].args
+                    ims = self._doc_images(doc_to_visual, doc_id, task, split)
+                    images.append(ims)
+                    prompts.append(scoring.build_prompt(self.processor, context, num_images=len(ims)))
+                t0 = time.perf_counter()
+                texts = scoring.generate_texts(self.model, self.processor, images, prompts,
+                                               max_new_tokens=max_new_tokens, until=until,
+                                               policy=self.active_policy)
+                self.stats["model_seconds"] += time.perf_counter() - t0
+                self.stats["requests"] += len(chunk)
+                for i, text in zip(chunk, texts):
+                    results[i] = text
+        return [r if r is not None else "" for r in results]
+
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Per request ``(-sum log p(continuation | context, image), is_greedy)``.
+
+        The value is the *summed* negative log-likelihood of the continuation tokens (not the mean
+        loss that lmms-eval's llava_hf returns, which favours long choices): lmms-eval 0.7.3 treats the
+        first value as a loss (multiple choice takes the argmin), so the sign is flipped. Results are
+        wrapped in ``GenerationResult(text=(value, is_greedy))`` because 0.7.3's evaluator turns a plain
+        ``(float, bool)`` tuple into its string form.
+        """
+        out: list[GenerationResult | None] = [None] * len(requests)
+        for _, chunk in self._chunks(list(range(len(requests))), self.batch_size):
+            contexts, continuations, images = [], [], []
+            for i in chunk:
+                args = tuple(requests[i].args)
+                # Unconditional (mutual-information) requests carry only (context, continuation).
+                context, target, doc_to_visual, doc_id, task, split = args + (None,) * (6 - len(args))
+                doc = self.task_dict[task][split][doc_id] if task in self.task_dict else None
+                continuation = target if isinstance(target, str) else target(doc)
+                ims = self._doc_images(doc_to_visual, doc_id, task, split)
+                images.append(ims)
+                contexts.append(scoring.build_prompt(self.processor, context, num_images=len(ims)))
+                continuations.append(str(continuation))
+            t0 = time.perf_counter()
+            scores = scoring.continuation_logprobs(self.model, self.processor, images, contexts, continuations,
+                                                   policy=self.active_policy)
+            self.stats["model_seconds"] += time.perf_counter() - t0
+            self.stats["requests"] += len(chunk)
+            for i, (logprob, greedy) in zip(chunk, scores):
+                out[i] = GenerationResult(text=(-logprob, greedy))  # type: ignore[arg-type]
+        return out  # type: ignore[return-value]
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError("dop plugin: multi-round generation is not supported")
+
+
+def manifest():
+    """Entry-point payload for ``lmms_eval.models`` (a callable, so lmms-eval imports it lazily)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_NAME, simple_class_path="dop.evaluation.plugin.DopLMM")  # dotted: lmms-eval rsplits on "."

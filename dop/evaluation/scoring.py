@@ -1,0 +1,217 @@
+"""dop's own scoring loop for the synthetic benchmark, and the inference helpers it shares with the plugin.
+
+The lmms-eval plugin (``dop.evaluation.plugin``) calls the very same ``build_prompt``, ``encode`` and
+``generate_texts`` as ``score_synthetic``, so ``simple_evaluate(tasks=["dop_synthetic"])`` and this loop
+give identical answers and identical accuracy (the Must-show of issue 6): any difference would be in
+lmms-eval's plumbing, not in prompts or decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import string
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+# The prompt format of the embedded tiny model (tiny-model-notes.md); used only when neither
+# dop.models.build_prompt nor a processor chat template is available (e.g. random test models).
+FALLBACK_PROMPT = "<s> user : {image} {question} assistant :"
+
+# Decoding of the synthetic task: answers are one word, so a few tokens suffice.
+SYNTHETIC_GEN_KWARGS: dict[str, Any] = {"max_new_tokens": 5, "until": ["\n"], "do_sample": False}
+
+
+# --- answers -----------------------------------------------------------------------------------
+_PUNCT = re.compile(f"[{re.escape(string.punctuation.replace('_', ''))}]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation (but keep ``_`` as in ``top_left``), collapse whitespace."""
+    return " ".join(_PUNCT.sub(" ", str(text).lower()).split())
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    """1.0 when the normalised prediction equals the normalised one-word answer."""
+    return float(normalize_answer(prediction) == normalize_answer(answer))
+
+
+# --- prompts and inputs --------------------------------------------------------------------------
+def image_token(processor: Any) -> str:
+    return getattr(processor, "image_token", None) or "<image>"
+
+
+def build_prompt(processor: Any, question: str, num_images: int = 1) -> str:
+    """The chat prompt for one question with ``num_images`` images.
+
+    Uses ``dop.models.build_prompt`` (the project's single source of prompts) when it exists.
+    Literal image tokens in the question are removed first: lmms-eval tasks such as MMMU put
+    ``<image>`` markers into the context, and the processor would count them as extra images.
+    """
+    tok = image_token(processor)
+    question = " ".join(question.replace(tok, " ").split())
+    if getattr(processor, "chat_template", None):
+        try:
+            from dop.models import build_prompt as project_build_prompt
+        except ImportError:  # before dop.models existed; same messages as dop.models.build_prompt
+            content = [{"type": "image"}, {"type": "text", "text": question}]
+            prompt = processor.apply_chat_template([{"role": "user", "content": content}],
+                                                   add_generation_prompt=True, tokenize=False)
+        else:
+            prompt = project_build_prompt(processor, question)
+    else:
+        prompt = FALLBACK_PROMPT.format(image=tok, question=question)
+    if num_images == 0:
+        prompt = " ".join(prompt.replace(tok, " ").split())
+    elif num_images > 1:
+        prompt = prompt.replace(tok, " ".join([tok] * num_images), 1)
+    return prompt
+
+
+def encode(processor: Any, images: Sequence[Sequence[Any]], prompts: Sequence[str], device: Any, dtype: Any):
+    """Left-padded batch for ``prompts``; ``images[i]`` are the PIL images of prompt i."""
+    flat = [im.convert("RGB") for ims in images for im in ims]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    # Left padding keeps the last prompt token at the same position in every row (needed for
+    # batched greedy decoding and for reading continuation log-probs at the end of each row).
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = processor(images=flat or None, text=list(prompts), padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = old_side
+    batch = batch.to(device)
+    if "pixel_values" in batch and torch.is_floating_point(batch["pixel_values"]):
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return batch
+
+
+@contextlib.contextmanager
+def pruned(model: Any, policy: Any) -> Iterator[None]:
+    """``dop.engine.prune(model, policy)`` for a non-identity policy; nothing for dense."""
+    if policy is None or len(policy) == 0:
+        yield
+        return
+    from dop.engine import prune  # imported lazily: dense evaluation works without the engine
+
+    with prune(model, policy):
+        yield
+
+
+def cut_at_stops(text: str, until: Sequence[str]) -> str:
+    """Truncate at the first stop string (lmms-eval's ``until``)."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+@torch.inference_mode()
+def generate_texts(
+    model: Any,
+    processor: Any,
+    images: Sequence[Sequence[Any]],
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    until: Sequence[str] = (),
+    policy: Any = None,
+) -> list[str]:
+    """Greedy continuations of one batch of prompts, cut at ``until``."""
+    batch = encode(processor, images, prompts, model.device, model.dtype)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    with pruned(model, policy):
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    new = out[:, batch["input_ids"].shape[1]:]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [cut_at_stops(t, until).strip() for t in texts]
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model: Any,
+    processor: Any,
+    images: Sequence[Sequence[Any]],
+    contexts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    policy: Any = None,
+) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation token | prefix), is_greedy) per request, batched with left padding.
+
+    ``contexts`` are full prompts; the continuation tokens are those of ``context + continuation``
+    past the tokens of ``context`` alone (tokenised with the same processor, images expanded).
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    full = [c + k for c, k in zip(contexts, continuations)]
+    n_cont = []
+    for ims, ctx, text in zip(images, contexts, full):
+        ctx_ids = encode(processor, [ims], [ctx], "cpu", torch.float32)["input_ids"][0]
+        full_ids = encode(processor, [ims], [text], "cpu", torch.float32)["input_ids"][0]
+        n = len(full_ids) - len(ctx_ids)
+        if n <= 0 or not torch.equal(full_ids[: len(ctx_ids)], ctx_ids):
+            # The tokeniser merged context and continuation: fall back to tokenising them apart.
+            n = len(tokenizer(text[len(ctx):], add_special_tokens=False)["input_ids"])
+        n_cont.append(max(n, 1))
+    batch = encode(processor, images, full, model.device, model.dtype)
+    with pruned(model, policy):
+        logits = model(**batch).logits.float()
+    ids = batch["input_ids"]
+    results = []
+    for row, n in enumerate(n_cont):
+        # With left padding every row ends at the last position: token t is predicted at t - 1.
+        target = ids[row, -n:]
+        logp = torch.log_softmax(logits[row, -n - 1 : -1], dim=-1)
+        total = logp.gather(-1, target[:, None]).sum().item()
+        greedy = bool((logp.argmax(-1) == target).all())
+        results.append((float(total), greedy))
+    return results
+
+
+# --- the direct loop -----------------------------------------------------------------------------
+def score_synthetic(
+    model: Any,
+    processor: Any,
+    dataset: Any,
+    policy: Any = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    split: str = "test",
+    max_new_tokens: int = SYNTHETIC_GEN_KWARGS["max_new_tokens"],
+    until: Sequence[str] = tuple(SYNTHETIC_GEN_KWARGS["until"]),
+) -> dict[str, Any]:
+    """Exact-match accuracy of greedy answers on the synthetic set, without lmms-eval.
+
+    ``dataset`` is a ``DatasetDict`` (``split`` is used), a ``Dataset``, or a ``save_to_disk`` path.
+    Returns ``{"accuracy", "n", "per_qtype": {qtype: accuracy}, "predictions": [...]}``.
+    """
+    if isinstance(dataset, str) or hasattr(dataset, "__fspath__"):
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(str(dataset))
+    if hasattr(dataset, "keys") and split in dataset:
+        dataset = dataset[split]
+    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    correct: list[float] = []
+    per_type: dict[str, list[float]] = {}
+    predictions: list[str] = []
+    for start in range(0, n, batch_size):
+        rows = dataset.select(range(start, min(start + batch_size, n)))
+        prompts = [build_prompt(processor, q) for q in rows["question"]]
+        images = [[im] for im in rows["image"]]
+        texts = generate_texts(model, processor, images, prompts, max_new_tokens=max_new_tokens,
+                               until=until, policy=policy)
+        for text, answer, qtype in zip(texts, rows["answer"], rows["qtype"]):
+            score = exact_match(text, answer)
+            correct.append(score)
+            per_type.setdefault(qtype, []).append(score)
+            predictions.append(text)
+    return {
+        "accuracy": sum(correct) / len(correct) if correct else float("nan"),
+        "n": len(correct),
+        "per_qtype": {k: sum(v) / len(v) for k, v in sorted(per_type.items())},
+        "predictions": predictions,
+    }

@@ -1,0 +1,307 @@
+"""``dop stage=evaluate``: run benchmarks through lmms-eval with the dop plugin and record the results.
+
+    dop stage=evaluate                                   # dense tiny_llava on the synthetic benchmark
+    dop stage=evaluate policy=outputs/runs/tiny_llava/search/policies/ratio_0.5.yaml
+    dop stage=evaluate policy=<dir of policies> benchmark=paper13 model=llava15_7b
+
+For each policy (none = dense): prefill TFLOPs and equivalent tokens of one sample, a prefill latency,
+then every benchmark in one ``simple_evaluate`` each (a fixed ``TaskManager(model_name="dop")`` so every
+method gets the same prompts). One ``Record`` per (benchmark, metric) goes to the results store;
+a failing benchmark is logged and the others still get their records. W&B mirrors the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dop.evaluation.benchmarks import Benchmark, resolve
+from dop.results import Record, ResultsStore, git_sha, library_versions
+
+log = logging.getLogger("dop.evaluate")
+
+_BUDGET_FILE = re.compile(r"^(?P<kind>[a-z_]+)_(?P<value>[0-9.eE+-]+)$")
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+def policy_specs(policy_arg: Any) -> list[dict[str, Any]]:
+    """[{policy, path, budget_kind, budget_value}] from ``cfg.policy``: None (dense), a file, or a dir."""
+    if policy_arg in (None, "", "none", "dense"):
+        return [{"policy": None, "path": None, "budget_kind": None, "budget_value": None}]
+    from dop.policy import Policy
+
+    path = Path(str(policy_arg))
+    files = sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"no policy YAML in {path}")
+    specs = []
+    for f in files:
+        pol = Policy.from_yaml(str(f))
+        kind, value = _budget_of(pol, f)
+        specs.append({"policy": pol, "path": str(f), "budget_kind": kind, "budget_value": value})
+    return specs
+
+
+def _budget_of(policy: Any, path: Path) -> tuple[str | None, float | None]:
+    """The budget a policy was searched for: its metadata, else a ``<kind>_<value>.yaml`` file name."""
+    meta = getattr(policy, "meta", {}) or {}
+    b = meta.get("budget")
+    if isinstance(b, dict) and "kind" in b:
+        return str(b["kind"]), float(b["value"])
+    if "budget_kind" in meta:
+        return str(meta["budget_kind"]), float(meta["budget_value"])
+    m = _BUDGET_FILE.match(path.stem)
+    if m:
+        try:
+            return m["kind"], float(m["value"])
+        except ValueError:
+            pass
+    return None, None
+
+
+def checkpoint_hash(pretrained: str) -> str | None:
+    """A short hash of a local checkpoint (configs and weights up to 64 MB; larger files by name+size)."""
+    try:
+        from dop.models import resolve_path
+
+        path = Path(resolve_path(pretrained))
+    except Exception:
+        path = Path(pretrained)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if not f.is_file():
+            continue
+        h.update(f.name.encode())
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        if size <= 64 << 20:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def sample_inputs(model: Any, processor: Any):
+    """One prompt + grey image (the size the processor expects) for FLOPs and prefill latency."""
+    from PIL import Image
+
+    from dop.evaluation.scoring import build_prompt, encode
+
+    image = Image.new("RGB", (336, 336), (128, 128, 128))
+    prompt = build_prompt(processor, "what is in the image ?")
+    return encode(processor, [[image]], [prompt], model.device, model.dtype)
+
+
+def token_groups(model: Any, input_ids: torch.Tensor) -> dict[str, int]:
+    """{system, vision, instruction} sizes of one unpadded sample (design.md section 3)."""
+    ids = input_ids[0].tolist()
+    image_id = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", None)
+    pos = [i for i, t in enumerate(ids) if t == image_id]
+    if not pos:
+        return {"system": 0, "vision": 0, "instruction": len(ids)}
+    return {"system": pos[0], "vision": len(pos), "instruction": len(ids) - pos[-1] - 1}
+
+
+def flops_of(model: Any, groups: dict[str, int], policy: Any) -> tuple[float | None, float | None]:
+    """(prefill TFLOPs, equivalent visual tokens) in the dop convention; (None, None) without dop.flops."""
+    try:
+        from dop.flops import count_flops, equivalent_tokens
+    except ImportError:
+        return None, None
+    try:
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        flops = count_flops(text_config, groups=groups, policy=policy, convention="dop")
+        eq = equivalent_tokens(text_config, groups, flops) if groups.get("vision") else None
+        return flops / 1e12, eq
+    except Exception as err:  # FLOPs are an annotation; never lose an evaluation over them
+        log.warning("FLOPs not computed: %s", err)
+        return None, None
+
+
+def prefill_latency(model: Any, inputs: Any, policy: Any, repeats: int = 3) -> float:
+    """Median wall time of one prefill forward (batch 1) under the policy, after one warm-up."""
+    from dop.evaluation.scoring import pruned
+
+    times = []
+    with torch.inference_mode(), pruned(model, policy):
+        for i in range(repeats + 1):
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(**inputs)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    except (ImportError, OSError):
+        return None
+
+
+def task_setup(bench: Benchmark, run_dir: Path, data_cfg: Any = None) -> tuple[str | None, str | None]:
+    """(include_path, task config hash): dop's local tasks are written into ``<run_dir>/tasks``.
+
+    A missing synthetic dataset is built with the data group's settings (``cfg.data``), so it matches
+    what training and calibration use.
+    """
+    from dop.evaluation.tasks import TASK_NAME, default_paths, task_config_hash, write_task_dir
+
+    if TASK_NAME not in bench.tasks:
+        return None, None
+    dataset = Path(bench.dataset_path or default_paths()[0])
+    if not dataset.exists():
+        from dop.data.synthetic import ensure_dataset
+
+        kw: dict[str, Any] = {}
+        if data_cfg is not None:
+            for key in ("seed", "sizes", "grid", "image_size"):
+                if data_cfg.get(key) is not None:
+                    value = data_cfg.get(key)
+                    kw[key] = dict(value) if key == "sizes" else value
+        dataset = Path(ensure_dataset(dataset, **kw))
+    task_dir = write_task_dir(dataset, run_dir / "tasks")
+    return str(task_dir), task_config_hash(task_dir)
+
+
+def evaluate_benchmark(lm: Any, bench: Benchmark, include_path: str | None, limit: Any = None) -> dict[str, Any]:
+    """``simple_evaluate`` of one benchmark with the plugin instance -> lmms-eval's results dict."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from dop.evaluation.plugin import MODEL_NAME
+
+    task_manager = TaskManager("WARNING", include_path=include_path, model_name=MODEL_NAME)
+    return simple_evaluate(model=lm, tasks=list(bench.tasks), limit=limit, task_manager=task_manager,
+                           log_samples=True, verbosity="WARNING", bootstrap_iters=0)
+
+
+def _write_samples(results: dict[str, Any], out: Path) -> None:
+    """Per-sample outputs (doc id, target, response) for paired comparisons across methods."""
+    out.mkdir(parents=True, exist_ok=True)
+    for task, samples in (results.get("samples") or {}).items():
+        with open(out / f"{task}.jsonl", "w") as f:
+            for s in samples:
+                f.write(json.dumps({"doc_id": s.get("doc_id"), "target": s.get("target"),
+                                    "response": s.get("filtered_resps")}, default=str) + "\n")
+
+
+def _task_hash(results: dict[str, Any], tasks: tuple[str, ...]) -> str:
+    configs = {t: results.get("configs", {}).get(t) for t in tasks}
+    return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- the stage -----------------------------------------------------------------------------------
+def run(cfg: Any) -> dict[str, Any]:
+    from dop.evaluation.plugin import DopLMM, load_model_and_processor
+    from dop.tracking import log_metrics, log_policy_heatmap, log_table, start_run
+
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    benchmarks = resolve(cfg.benchmark)  # a missing API key fails here, before loading a model
+    limit = cfg.benchmark.get("limit")
+    specs = policy_specs(cfg.get("policy"))
+    run_dir = Path(cfg.paths.run_dir)
+    store = ResultsStore(cfg.paths.results_dir)
+    overwrite = bool(cfg.get("overwrite", False))
+    device = str(cfg.get("device", "cpu"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    model, processor = load_model_and_processor(
+        cfg.model.pretrained, dtype=cfg.model.get("dtype"),
+        attn_implementation=cfg.model.get("attn_implementation", "sdpa"), device=device)
+    model_id = str(cfg.model.get("name") or cfg.model.pretrained)
+    revision = cfg.model.get("revision") or checkpoint_hash(str(cfg.model.pretrained))
+    versions, sha = library_versions(), git_sha()
+    inputs = sample_inputs(model, processor)
+    groups = token_groups(model, inputs["input_ids"])
+    num_layers = int(model.config.get_text_config().num_hidden_layers)
+    method_name = str(cfg.get("method", {}).get("name", "dop")) if cfg.get("method") else "dop"
+    batch_size = int(cfg.benchmark.get("batch_size") or cfg.get("eval_batch_size") or 8)
+
+    summary: list[dict[str, Any]] = []
+    failures: list[str] = []
+    with start_run(cfg, job_type="evaluate", run_dir=run_dir) as wb:
+        for spec in specs:
+            policy = spec["policy"]
+            method = "dense" if policy is None else method_name
+            if policy is not None:
+                policy.validate(num_layers)
+                log_policy_heatmap(wb, policy, num_layers, sorted(groups),
+                                   path=run_dir / "policies" / f"{Path(spec['path']).stem}.png")
+            tflops, eq_tokens = flops_of(model, groups, policy)
+            prefill_s = prefill_latency(model, inputs, policy)
+            lm = DopLMM.from_model(model, processor, policy=policy, batch_size=batch_size, name=model_id)
+            for bench in benchmarks:
+                cell = dict(model=model_id, method=method,
+                            policy_hash=policy.digest() if policy is not None else None,
+                            budget_kind=spec["budget_kind"], budget_value=spec["budget_value"],
+                            benchmark=bench.name)
+                if not overwrite and all(store.exists((*cell.values(), m)) for m in bench.recorded_metrics):
+                    log.info("skip %s / %s: already in the store", bench.name, method)
+                    continue
+                try:
+                    include_path, local_hash = task_setup(bench, run_dir, cfg.get("data"))
+                    before = lm.stats["model_seconds"]
+                    if device.startswith("cuda"):
+                        torch.cuda.reset_peak_memory_stats()
+                    results = evaluate_benchmark(lm, bench, include_path, limit if limit is not None else bench.limit)
+                    total_s = lm.stats["model_seconds"] - before
+                    values = bench.metric_values(results["results"])
+                    if not values:
+                        raise RuntimeError(f"no metric of {bench.recorded_metrics} in lmms-eval results "
+                                           f"{sorted(results['results'])}")
+                    samples = sum(v["effective"] for t, v in results.get("n-samples", {}).items() if t in bench.tasks)
+                    tag = f"{method}" + (f"_{Path(spec['path']).stem}" if spec["path"] else "")
+                    _write_samples(results, run_dir / "samples" / tag)
+                    for metric, value in values.items():
+                        rec = Record(**cell, metric=metric, value=value, model_revision=revision, tflops=tflops,
+                                     equivalent_tokens=eq_tokens, samples=samples, prefill_latency_s=prefill_s,
+                                     total_latency_s=total_s, peak_memory_bytes=peak_memory(model.device),
+                                     versions=versions, git_sha=sha,
+                                     task_config_hash=local_hash or _task_hash(results, bench.tasks),
+                                     extra={"policy_path": spec["path"], "limit": limit, "tasks": list(bench.tasks),
+                                            "groups": groups, "batch_size": batch_size})
+                        path = store.append(rec)
+                        summary.append({**cell, "metric": metric, "value": value, "tflops": tflops,
+                                        "samples": samples, "record": str(path)})
+                        log_metrics(wb, {f"eval/{bench.name}/{metric}/{tag}": value})
+                except Exception as err:  # one benchmark's failure must not lose the others' records
+                    failures.append(f"{bench.name} ({method}): {err}")
+                    log.error("benchmark %s failed:\n%s", bench.name, traceback.format_exc())
+        cols = ["benchmark", "method", "budget", "metric", "value", "tflops", "samples"]
+        rows = [[s["benchmark"], s["method"], f"{s['budget_kind']}={s['budget_value']}", s["metric"],
+                 s["value"], s["tflops"], s["samples"]] for s in summary]
+        log_table(wb, "eval/results", cols, rows)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = {"records": summary, "failures": failures}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    for s in summary:
+        budget = "-" if s["budget_kind"] is None else f"{s['budget_kind']}={s['budget_value']:g}"
+        tf = "-" if s["tflops"] is None else f"{s['tflops']:.4g}"
+        print(f"{s['benchmark']:>16} {s['method']:>8} {budget:>12} {s['metric']:>22} = {s['value']:.4f} "
+              f"(n={s['samples']}, TFLOPs {tf})")
+    for f in failures:
+        print(f"FAILED {f}")
+    if failures and bool(cfg.get("fail_on_error", True)):
+        raise RuntimeError(f"{len(failures)} benchmark(s) failed (records of the others were kept): "
+                           + "; ".join(failures))
+    return result

@@ -1,0 +1,220 @@
+"""Tables and plots from the results store (``dop stage=report``); reads nothing else.
+
+    table = build_table(ResultsStore("outputs/results").records())
+    write_markdown(table, "report.md"); write_csv(table, "report.csv")
+    plot_accuracy_vs_tflops(records, "acc_vs_tflops.png")
+
+Rows are (method, budget), dense first; columns are benchmarks (each at its headline metric from
+``conf/benchmark``), then ``Avg`` (mean over the row's benchmarks) and ``% dense`` (mean over
+benchmarks of value / dense value, the usual way pruning papers compare methods on mixed scales).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dop.results import Record, ResultsStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    budget_kind: str | None
+    budget_value: float | None
+    values: dict[str, float] = field(default_factory=dict)
+    tflops: float | None = None
+    avg: float | None = None
+    pct_dense: float | None = None
+
+    @property
+    def budget_label(self) -> str:
+        if self.budget_kind is None:
+            return "-"
+        return f"{self.budget_kind}={self.budget_value:g}"
+
+
+@dataclass
+class Table:
+    benchmarks: list[str]
+    rows: list[Row]
+    multi_model: bool = False
+
+    def header(self) -> list[str]:
+        return (["Model"] if self.multi_model else []) + ["Method", "Budget", *self.benchmarks, "Avg", "% dense"]
+
+
+def _headline(benchmark: str, metrics: Mapping[str, str] | None) -> str | None:
+    if metrics and benchmark in metrics:
+        return metrics[benchmark]
+    try:
+        from dop.evaluation.benchmarks import headline_metrics
+
+        return headline_metrics().get(benchmark)
+    except Exception:  # the registry is a convenience; the store alone must be enough
+        return None
+
+
+def build_table(records: Iterable[Record], metrics: Mapping[str, str] | None = None) -> Table:
+    """One row per (model, method, budget); the newest record wins when a cell was rerun.
+
+    ``metrics`` maps benchmark -> metric to show; by default the benchmark's headline metric from
+    ``conf/benchmark/<name>.yaml``, or its only metric in the store.
+    """
+    records = sorted(records, key=lambda r: r.timestamp)
+    by_bench: dict[str, set[str]] = {}
+    for r in records:
+        by_bench.setdefault(r.benchmark, set()).add(r.metric)
+    chosen: dict[str, str] = {}
+    for bench, present in by_bench.items():
+        m = _headline(bench, metrics)
+        if m in present:
+            chosen[bench] = m
+        elif len(present) == 1:
+            chosen[bench] = next(iter(present))
+        else:
+            log.warning("report: benchmark %s has metrics %s and no headline; skipped", bench, sorted(present))
+    benchmarks = sorted(chosen)
+
+    rows: dict[tuple, Row] = {}
+    for r in records:
+        if chosen.get(r.benchmark) != r.metric:
+            continue
+        k = (r.model, r.method, r.budget_kind, r.budget_value)
+        row = rows.setdefault(k, Row(r.model, r.method, r.budget_kind, r.budget_value))
+        row.values[r.benchmark] = float(r.value)
+        if r.tflops is not None:
+            row.tflops = float(r.tflops)
+
+    dense = {row.model: row for row in rows.values() if row.method == "dense"}
+    for row in rows.values():
+        vals = [row.values[b] for b in benchmarks if b in row.values]
+        row.avg = sum(vals) / len(vals) if vals else None
+        ref = dense.get(row.model)
+        if ref is not None:
+            ratios = [row.values[b] / ref.values[b] for b in benchmarks
+                      if b in row.values and ref.values.get(b)]
+            row.pct_dense = 100.0 * sum(ratios) / len(ratios) if ratios else None
+
+    def order(row: Row):
+        # dense first, then methods by name, larger budgets (less pruning) first
+        return (row.model, row.method != "dense", row.method, row.budget_kind or "",
+                -(row.budget_value if row.budget_value is not None else math.inf))
+
+    models = {row.model for row in rows.values()}
+    return Table(benchmarks, sorted(rows.values(), key=order), multi_model=len(models) > 1)
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table_cells(table: Table, digits: int = 3, raw: bool = False) -> list[list[Any]]:
+    """The body as a list of rows (strings, or raw numbers for CSV)."""
+    out = []
+    for row in table.rows:
+        cells: list[Any] = [row.model] if table.multi_model else []
+        cells += [row.method, row.budget_label]
+        for b in table.benchmarks:
+            v = row.values.get(b)
+            cells.append(v if raw else _fmt(v, digits))
+        cells.append(row.avg if raw else _fmt(row.avg, digits))
+        cells.append(row.pct_dense if raw else _fmt(row.pct_dense, 1))
+        out.append(cells)
+    return out
+
+
+def to_markdown(table: Table, digits: int = 3) -> str:
+    header = table.header()
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_cells(table, digits)]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(table: Table, path: str | Path, digits: int = 3) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_markdown(table, digits))
+    return path
+
+
+def write_csv(table: Table, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(table.header())
+        for cells in table_cells(table, raw=True):
+            w.writerow(["" if c is None else c for c in cells])
+    return path
+
+
+def plot_accuracy_vs_tflops(records: Sequence[Record], path: str | Path, benchmark: str | None = None,
+                            metrics: Mapping[str, str] | None = None) -> Path:
+    """PNG: score (one benchmark, or the row average) against prefill TFLOPs, one line per method.
+
+    Dense is drawn as a star on every method's line end, so each curve reads as "down from dense".
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    table = build_table(records, metrics)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    by_method: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for row in table.rows:
+        y = row.values.get(benchmark) if benchmark else row.avg
+        if row.tflops is None or y is None:
+            continue
+        by_method.setdefault((row.model, row.method), []).append((row.tflops, y))
+    for (model, method), pts in sorted(by_method.items()):
+        pts.sort()
+        label = f"{model} / {method}" if table.multi_model else method
+        if method == "dense":
+            ax.scatter(*zip(*pts), marker="*", s=120, zorder=3, label=label)
+        else:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("prefill TFLOPs")
+    ax.set_ylabel(benchmark or "average score")
+    ax.grid(alpha=0.3)
+    if by_method:
+        ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(cfg: Any) -> dict[str, str]:
+    """``dop stage=report``: read ``cfg.paths.results_dir``, write report.md/.csv/.png into the run dir."""
+    store = ResultsStore(cfg.paths.results_dir)
+    records = list(store.latest().values())
+    out = Path(cfg.paths.run_dir)
+    if not records:
+        log.warning("report: no records in %s", store.root)
+    table = build_table(records)
+    paths = {
+        "markdown": str(write_markdown(table, out / "report.md")),
+        "csv": str(write_csv(table, out / "report.csv")),
+        "plot": str(plot_accuracy_vs_tflops(records, out / "accuracy_vs_tflops.png")),
+    }
+    print(to_markdown(table))
+    logger_cfg = cfg.get("logger") if hasattr(cfg, "get") else None
+    if logger_cfg is not None:
+        from dop.tracking import log_table, start_run
+
+        with start_run(cfg, job_type="report", run_dir=out) as run:
+            log_table(run, "report/table", table.header(), table_cells(table))
+            run.log_image("report/accuracy_vs_tflops", paths["plot"])
+    return paths

@@ -1,0 +1,77 @@
+"""`dop stage=evaluate` on a tiny saved model: records per metric, skip-if-done, failures isolated."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+pytest.importorskip("lmms_eval")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from evaluation_fixtures import save_synthetic, save_tiny_llava  # noqa: E402
+
+from dop.evaluation import stage  # noqa: E402
+from dop.evaluation.benchmarks import Benchmark  # noqa: E402
+from dop.results import ResultsStore  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage")
+    return root, save_tiny_llava(root / "model"), save_synthetic(root / "data", n=6)
+
+
+def _cfg(root, model_dir, data, policy=None, run="run"):
+    return OmegaConf.create({
+        "stage": "evaluate", "seed": 0, "device": "cpu", "num_threads": None, "policy": policy,
+        "model": {"name": "tiny_test", "pretrained": str(model_dir), "dtype": None, "attn_implementation": "sdpa"},
+        "method": {"name": "dop"},
+        "benchmark": {"name": "synthetic", "tasks": ["dop_synthetic"], "metric": "exact_match",
+                      "metrics": ["exact_match"], "limit": 4, "batch_size": 2, "dataset_path": str(data)},
+        "paths": {"results_dir": str(root / "results"), "run_dir": str(root / run)},
+        "logger": {"name": "none", "mode": "disabled", "project": "dop", "entity": None},
+    })
+
+
+def test_stage_dense_then_policy_then_skip(env):
+    root, model_dir, data = env
+    out = stage.run(_cfg(root, model_dir, data))
+    (rec,) = ResultsStore(root / "results").records()
+    assert rec.method == "dense" and rec.samples == 4 and rec.metric == "exact_match"
+    assert rec.model_revision and rec.versions["lmms_eval"] != "absent" and rec.task_config_hash
+    assert rec.prefill_latency_s > 0 and rec.total_latency_s > 0
+    assert out["records"][0]["value"] == rec.value and (root / "run" / "result.json").is_file()
+    assert (root / "run" / "samples" / "dense" / "dop_synthetic.jsonl").is_file()
+
+    pytest.importorskip("dop.engine")
+    from dop.ops import Operation
+    from dop.policy import Policy
+
+    pdir = root / "policies"
+    pdir.mkdir()
+    Policy([Operation(1, "vision", t) for t in ("q", "kv", "mlp")]).to_yaml(pdir / "ratio_0.5.yaml")
+    stage.run(_cfg(root, model_dir, data, policy=str(pdir), run="run2"))
+    (pr,) = ResultsStore(root / "results").records(method="dop")
+    assert (pr.budget_kind, pr.budget_value) == ("ratio", 0.5) and pr.policy_hash
+    if rec.tflops is not None:
+        assert pr.tflops < rec.tflops
+    # a second identical job skips the cells already in the store
+    again = stage.run(_cfg(root, model_dir, data, run="run3"))
+    assert again["records"] == [] and len(ResultsStore(root / "results").records()) == 2
+
+
+def test_failing_benchmark_keeps_the_others(env, monkeypatch):
+    root, model_dir, data = env
+    good = Benchmark(name="synthetic", tasks=("dop_synthetic",), metric="exact_match", limit=2,
+                     dataset_path=str(data))
+    bad = Benchmark(name="broken", tasks=("no_such_task_xyz",), metric="acc")
+    monkeypatch.setattr(stage, "resolve", lambda _cfg: [bad, good])
+    cfg = _cfg(root, model_dir, data, run="run4")
+    cfg.paths.results_dir = str(root / "results_fail")
+    with pytest.raises(RuntimeError, match="1 benchmark"):
+        stage.run(cfg)
+    (rec,) = ResultsStore(root / "results_fail").records()
+    assert rec.benchmark == "synthetic"
