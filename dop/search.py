@@ -1,0 +1,748 @@
+"""DOP search: additive divergence estimate + exact budgeted solver over depth policies.
+
+A depth policy sets one depth per searched (type, group) pair. The sweep measured, for each pair
+and grid depth, the divergence with only that pair changed; the *additive estimate* of a policy is
+the sum of its pairs' single-change divergences (curves interpolated between grid depths).
+
+FLOPs are not additive across pairs: attention couples every query group with every key group
+(``n_q * n_kv`` per layer) and a pruned key/value side makes its group's q/mlp dead (free). But
+they *are* additive across layers, and a layer's cost depends only on which pairs are still kept
+there. So the exact solver walks the layers 0..L-1 as a DAG whose state is the set of pairs
+already pruned ("assigned"); assigning pair j at layer v means depth j = v. A path is a policy;
+its KL is the sum of per-pair terms and its FLOPs the sum of per-layer costs of the states it
+visits. The budgeted minimum is a resource-constrained shortest path, solved exactly by label
+setting with Pareto dominance and two admissible bounds (``solve_exact``):
+
+- feasibility: the cheapest completion from a node (prune everything left now) must fit;
+- Lagrangian: for any lambda >= 0, KL_rest >= H_lambda(node) - lambda * (budget - cost so far),
+  with H_lambda the exact min of KL + lambda * FLOPs to the end (a scalar backward DP over the same
+  DAG). lambda is chosen by bisection on the dual, whose primal solutions also give an incumbent.
+
+Per-layer costs come from ``dop.flops.count_flops`` itself (``CostModel.from_flops`` probes it per
+layer and per op, then checks the fitted model against ``count_flops`` on random policies).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dop.budget import Budget, BudgetError, parse_budgets
+from dop.ops import OP_TYPES, Operation, OpType, as_op_type
+from dop.policy import DEFAULT_OUTPUT_GROUPS, DepthPolicy, Policy
+
+log = logging.getLogger("dop.search")
+
+Pair = tuple[str, str]  # (type, group), e.g. ("kv", "vision")
+_REL_TOL = 1e-12  # FLOPs comparisons: the model and count_flops sum in different orders
+
+
+class SearchError(ValueError):
+    """The search cannot run: bad sweep data, unsupported cost model, or no feasible policy."""
+
+
+class InfeasibleBudgetError(SearchError, BudgetError):
+    """No depth policy fits the budget; ``min_flops`` is the cheapest one reachable."""
+
+    def __init__(self, message: str, min_flops: float) -> None:
+        super().__init__(message)
+        self.min_flops = min_flops
+
+
+def pair_key(pair: Pair) -> str:
+    """``("kv", "vision") -> "kv_vision"`` (sweep store folder name)."""
+    return f"{pair[0]}_{pair[1]}"
+
+
+ATTN = "attn"  # a tied parameter: q and kv of a group share one depth (the paper's D_A)
+
+
+def pair_type(type_: str) -> str:
+    """An op type name, or ``attn`` for the tied q+kv parameter."""
+    return ATTN if str(type_).lower() == ATTN else as_op_type(type_).value
+
+
+def pair_ops(pair: Pair) -> tuple[Pair, ...]:
+    """The (type, group) ops a searched parameter moves: ``attn`` moves q and kv together."""
+    t, g = pair
+    return (("q", g), ("kv", g)) if t == ATTN else ((t, g),)
+
+
+def parse_pair(text: str) -> Pair:
+    """``"kv_vision"``, ``"kv/vision"`` -> ``("kv", "vision")``; ``"attn_vision"`` is tied q+kv."""
+    for sep in ("/", ":", "_"):
+        if sep in text:
+            t, g = text.split(sep, 1)
+            return pair_type(t), g
+    raise SearchError(f"pair {text!r} must be 'type_group', e.g. 'kv_vision'")
+
+
+# --------------------------------------------------------------------------------------------
+# Curves: single-change divergence per depth
+# --------------------------------------------------------------------------------------------
+def interpolate_curve(points: Mapping[int, float], num_layers: int) -> np.ndarray:
+    """KL at every depth 0..L from measured grid depths, linear in between.
+
+    Piecewise-linear interpolation is monotone between neighbouring grid points (it never
+    overshoots them), so a monotone measured curve stays monotone. Depth L (dense) is 0 when not
+    measured. Depths below the shallowest measured one are unreachable (``inf``): the solver never
+    picks them rather than extrapolate.
+    """
+    pts = {int(d): float(k) for d, k in points.items()}
+    pts.setdefault(num_layers, 0.0)
+    bad = [d for d in pts if not 0 <= d <= num_layers]
+    if bad:
+        raise SearchError(f"curve depth {bad[0]} outside 0..{num_layers}")
+    xs = np.array(sorted(pts), dtype=float)
+    ys = np.array([pts[int(x)] for x in xs])
+    if not np.all(np.isfinite(ys)):
+        raise SearchError(f"curve has non-finite divergences: {pts}")
+    depths = np.arange(num_layers + 1, dtype=float)
+    curve = np.interp(depths, xs, ys)
+    curve[depths < xs[0]] = np.inf
+    return curve
+
+
+def curves_array(curves: Mapping[Pair, Sequence[float]], pairs: Sequence[Pair]) -> np.ndarray:
+    missing = [p for p in pairs if p not in curves]
+    if missing:
+        raise SearchError(f"no divergence curve for pair {pair_key(missing[0])}; sweep it first")
+    return np.array([np.asarray(curves[p], dtype=float) for p in pairs])
+
+
+def predict_kl(curves: Mapping[Pair, Sequence[float]], depths: Mapping[Pair, int]) -> float:
+    """The additive estimate: sum over pairs of the single-change KL at the pair's depth."""
+    total = 0.0
+    for pair, depth in depths.items():
+        if pair not in curves:
+            raise SearchError(f"no divergence curve for pair {pair_key(pair)}")
+        total += float(curves[pair][depth])
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Cost model: exact per-layer FLOPs as a function of the kept pairs
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CostModel:
+    """FLOPs of a depth policy, exact and fast: ``layer_costs[v, U]`` is layer v's cost when the
+    searched pairs in bitmask ``U`` (bit j = ``pairs[j]``) are kept there (dead ops applied)."""
+
+    num_layers: int
+    pairs: list[Pair]
+    layer_costs: np.ndarray  # (L, 2^P)
+    dense: float
+    output_groups: tuple[str, ...] = DEFAULT_OUTPUT_GROUPS
+
+    def masks(self, depths: Sequence[int]) -> np.ndarray:
+        """Kept bitmask per layer for a depth vector (one depth per pair)."""
+        d = np.asarray(depths)
+        layers = np.arange(self.num_layers)[:, None]
+        bits = (layers < d[None, :]).astype(np.int64)
+        return (bits << np.arange(len(self.pairs))).sum(axis=1)
+
+    def cost(self, depths: Sequence[int] | Mapping[Pair, int]) -> float:
+        if isinstance(depths, Mapping):
+            depths = [depths.get(p, self.num_layers) for p in self.pairs]
+        m = self.masks(depths)
+        return float(self.layer_costs[np.arange(self.num_layers), m].sum())
+
+    @classmethod
+    def from_counter(
+        cls,
+        count: Callable[[Policy], float],
+        num_layers: int,
+        groups: Sequence[str],
+        pairs: Sequence[Pair],
+        *,
+        output_groups: Iterable[str] = DEFAULT_OUTPUT_GROUPS,
+        verify: int = 8,
+        seed: int = 0,
+    ) -> CostModel:
+        """Fit per-layer costs by probing ``count`` (a FLOPs counter of a ``Policy``).
+
+        Per layer, a prefill's cost is linear in which (type, group) ops run plus one bilinear
+        term per (query group, key group) (the n_q x n_kv score matrix). Probing one op and one
+        (q, kv) pair at a time recovers the coefficients exactly; ``verify`` random depth policies
+        are then compared with ``count`` and any mismatch is an error, not a silent approximation.
+        """
+        pairs = [(pair_type(t), g) for t, g in pairs]
+        moved = [op for p in pairs for op in pair_ops(p)]
+        if len(set(moved)) != len(moved):
+            raise SearchError(f"searched parameters overlap (an op is moved twice): {[pair_key(p) for p in pairs]}")
+        groups = list(groups)
+        unknown = sorted({g for _, g in pairs} - set(groups))
+        if unknown:
+            raise SearchError(f"searched group {unknown[0]!r} is not a token group of this model; "
+                              f"valid groups: {groups}")
+        output_groups = tuple(output_groups)
+        L, P = num_layers, len(pairs)
+        if P > 16:
+            raise SearchError(f"{P} searched pairs: the exact solver's state space (2^P) is too large; "
+                              "tie types (attn) or search fewer groups")
+        dense = float(count(Policy()))
+        ops = [(t.value, g) for g in groups for t in OP_TYPES]
+        alpha = np.zeros((L, len(ops)))  # saving of pruning one op (negative cost delta)
+        beta = np.zeros((L, len(groups), len(groups)))  # interaction of pruned q_g with pruned kv_g'
+        oi = {op: i for i, op in enumerate(ops)}
+        for v in range(L):
+            single = {}
+            for (t, g) in ops:
+                single[(t, g)] = float(count(Policy([Operation(v, g, t)]))) - dense
+                alpha[v, oi[(t, g)]] = single[(t, g)]
+            for a, ga in enumerate(groups):
+                for b, gb in enumerate(groups):
+                    both = float(count(Policy([Operation(v, ga, OpType.Q), Operation(v, gb, OpType.KV)])))
+                    beta[v, a, b] = both - dense - single[("q", ga)] - single[("kv", gb)]
+        # Effective pruned indicators of every op for every kept-mask U of the searched pairs.
+        M = 1 << P
+        U = np.arange(M)
+        pruned = {}
+        for op in ops:
+            pruned[op] = np.zeros(M, bool)
+        for j, pair in enumerate(pairs):
+            for op in pair_ops(pair):
+                pruned[op] = ((U >> j) & 1) == 0
+        for g in groups:
+            if g in output_groups:
+                continue
+            kv_dead = pruned[("kv", g)]
+            for t in ("q", "mlp"):  # dead ops: nobody reads this group's outputs any more
+                pruned[(t, g)] = pruned[(t, g)] | kv_dead
+        layer_costs = np.full((L, M), dense / L)
+        for v in range(L):
+            for op in ops:
+                layer_costs[v] += alpha[v, oi[op]] * pruned[op]
+            for a, ga in enumerate(groups):
+                for b, gb in enumerate(groups):
+                    if beta[v, a, b]:
+                        layer_costs[v] += beta[v, a, b] * (pruned[("q", ga)] & pruned[("kv", gb)])
+        model = cls(L, pairs, layer_costs, dense, output_groups)
+        rng = np.random.default_rng(seed)
+        for trial in range(verify):
+            depths = rng.integers(0, L + 1, size=P) if trial else np.zeros(P, int)
+            depth_policy = DepthPolicy({p: int(d) for p, d in zip(pairs, depths)})
+            want = float(count(depth_policy.expand(L, output_groups=output_groups)))
+            got = model.cost(depths)
+            if abs(got - want) > 1e-9 * max(abs(want), 1.0):
+                raise SearchError(
+                    f"the FLOPs counter is not linear + (q x kv) bilinear per layer: policy {depth_policy} "
+                    f"counts {want:.6g}, the fitted model {got:.6g}; the exact solver needs that structure"
+                )
+        return model
+
+    @classmethod
+    def from_flops(
+        cls,
+        text_config: Any,
+        groups: Mapping[str, float],
+        pairs: Sequence[Pair],
+        *,
+        convention: str = "dop",
+        output_groups: Iterable[str] = DEFAULT_OUTPUT_GROUPS,
+        verify: int = 8,
+    ) -> CostModel:
+        from dop.flops import count_flops, text_shape
+
+        num_layers = text_shape(text_config).num_layers
+
+        def count(policy: Policy) -> float:
+            return count_flops(text_config, groups, policy, convention=convention)
+
+        return cls.from_counter(count, num_layers, list(groups), pairs, output_groups=output_groups,
+                                verify=verify)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact solver
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Solution:
+    depths: dict[Pair, int]
+    predicted_kl: float
+    flops: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def depth_policy(self, num_layers: int | None = None, model: str | None = None) -> DepthPolicy:
+        return DepthPolicy(dict(self.depths), num_layers=num_layers, model=model)
+
+
+class _Dag:
+    """The layer DAG of one (curves, cost model) instance, with backward DPs over it."""
+
+    def __init__(self, kl: np.ndarray, cost: CostModel) -> None:
+        self.P, self.L = len(cost.pairs), cost.num_layers
+        if kl.shape != (self.P, self.L + 1):
+            raise SearchError(f"curves have shape {kl.shape}, expected ({self.P}, {self.L + 1})")
+        if not np.all(np.isfinite(kl[:, self.L])):
+            raise SearchError("every pair needs a finite divergence at depth L (dense)")
+        self.kl = kl
+        self.allowed = np.isfinite(kl)
+        self.M = 1 << self.P
+        self.full = self.M - 1
+        self.scale = cost.dense if cost.dense > 0 else 1.0
+        states = np.arange(self.M)
+        # layer cost as a function of the *assigned* (pruned) set S: kept = full ^ S
+        self.fcost = cost.layer_costs[:, self.full ^ states] / self.scale
+        self.no_bit = [states[(states >> j) & 1 == 0] for j in range(self.P)]
+        bits = ((states[:, None] >> np.arange(self.P)) & 1) == 0
+        self.end_kl = (bits * kl[:, self.L][None, :]).sum(axis=1)  # unassigned pairs end dense
+
+    def backward(self, a: float, b: float) -> list[list[np.ndarray]]:
+        """``H[v][j][S]``: min of a*KL + b*cost (normalised) from stage (layer v, pair j)."""
+        H = a * self.end_kl
+        out: list[list[np.ndarray]] = [[None] * (self.P + 1) for _ in range(self.L)]  # type: ignore[list-item]
+        for v in range(self.L - 1, -1, -1):
+            H = H + b * self.fcost[v]
+            out[v][self.P] = H
+            for j in range(self.P - 1, -1, -1):
+                if self.allowed[j, v]:
+                    nb = self.no_bit[j]
+                    H = H.copy()
+                    H[nb] = np.minimum(H[nb], a * self.kl[j, v] + H[nb | (1 << j)])
+                out[v][j] = H
+        return out
+
+    def trace(self, H: list[list[np.ndarray]], a: float) -> list[int]:
+        """The argmin path of a backward DP, as one depth per pair."""
+        depths = [self.L] * self.P
+        S = 0
+        for v in range(self.L):
+            for j in range(self.P):
+                bit = 1 << j
+                if S & bit or not self.allowed[j, v]:
+                    continue
+                nxt = H[v][j + 1]
+                if a * self.kl[j, v] + nxt[S | bit] < nxt[S]:
+                    S |= bit
+                    depths[j] = v
+        return depths
+
+
+def _pareto(c: np.ndarray, k: np.ndarray, r: np.ndarray):
+    """Labels not dominated in (cost, KL): sorted by cost, strictly decreasing KL."""
+    if len(c) <= 1:
+        return c, k, r
+    o = np.lexsort((k, c))
+    c, k, r = c[o], k[o], r[o]
+    prev_min = np.minimum.accumulate(k)
+    keep = np.empty(len(k), bool)
+    keep[0] = True
+    keep[1:] = k[1:] < prev_min[:-1]
+    return c[keep], k[keep], r[keep]
+
+
+def solve_exact(
+    curves: Mapping[Pair, Sequence[float]] | np.ndarray,
+    cost: CostModel,
+    budget_flops: float,
+    *,
+    dual_steps: int = 30,
+) -> Solution:
+    """The depth policy of least predicted KL with ``cost.cost(depths) <= budget_flops``, exactly.
+
+    ``curves``: per pair (in ``cost.pairs`` order when an array), the KL at every depth 0..L
+    (``inf`` = depth not allowed). Raises ``InfeasibleBudgetError`` with the cheapest reachable
+    FLOPs when nothing fits.
+    """
+    t0 = time.perf_counter()
+    kl = curves if isinstance(curves, np.ndarray) else curves_array(curves, cost.pairs)
+    dag = _Dag(np.asarray(kl, dtype=float), cost)
+    P, L = dag.P, dag.L
+    B = budget_flops / dag.scale
+    B_tol = B * (1 + _REL_TOL) + _REL_TOL
+    MC = dag.backward(0.0, 1.0)  # cheapest cost-to-go
+    min_cost = float(MC[0][0][0]) * dag.scale
+    if MC[0][0][0] > B_tol:
+        raise InfeasibleBudgetError(
+            f"budget {budget_flops / 1e12:.6g} TFLOPs ({budget_flops / cost.dense:.4f} of dense) is below "
+            f"the cheapest policy this search space reaches: {min_cost / 1e12:.6g} TFLOPs "
+            f"({min_cost / cost.dense:.4f} of dense)", min_cost)
+
+    # Lagrangian dual: bisection on lambda; every primal solution that fits is an incumbent.
+    best_kl, best_depths = math.inf, None
+
+    def lagrange(lam: float):
+        H = dag.backward(1.0, lam)
+        depths = dag.trace(H, 1.0)
+        c = cost.cost(depths) / dag.scale
+        return H, depths, c, float(H[0][0][0]) - lam * B
+
+    best_dual, best_H, best_lam = -math.inf, None, 0.0
+    lo, hi = 0.0, 1.0
+    for _ in range(200):  # find a lambda whose argmin fits
+        H, depths, c, dual = lagrange(hi)
+        if dual > best_dual:
+            best_dual, best_H, best_lam = dual, H, hi
+        if c <= B_tol:
+            k = float(sum(dag.kl[j, d] for j, d in enumerate(depths)))
+            if k < best_kl:
+                best_kl, best_depths = k, depths
+            break
+        lo, hi = hi, hi * 4
+    for _ in range(dual_steps):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 16
+        H, depths, c, dual = lagrange(mid)
+        if dual > best_dual:
+            best_dual, best_H, best_lam = dual, H, mid
+        if c <= B_tol:
+            k = float(sum(dag.kl[j, d] for j, d in enumerate(depths)))
+            if k < best_kl:
+                best_kl, best_depths = k, depths
+            hi = mid
+        else:
+            lo = mid
+        if lo > 0 and hi / lo < 1 + 1e-6:
+            break
+    HL, lam = best_H, best_lam
+    t_dual = time.perf_counter() - t0
+
+    # Label setting over the DAG, pruned by dominance and the two bounds.
+    inc = best_kl
+    tol = 1e-12 * max(1.0, abs(inc)) if math.isfinite(inc) else 0.0
+    rec_parent: list[np.ndarray] = []
+    rec_pair: list[np.ndarray] = []
+    rec_depth: list[np.ndarray] = []
+    n_rec = 0
+    labels: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
+        0: (np.zeros(1), np.zeros(1), np.full(1, -1, dtype=np.int64))
+    }
+    max_labels = 1
+
+    def bound_ok(S: int, c: np.ndarray, k: np.ndarray, v: int, j: int) -> np.ndarray:
+        ok = c + MC[v][j][S] <= B_tol
+        if math.isfinite(inc):  # only paths that can beat the incumbent are worth extending
+            ok &= k + HL[v][j][S] - lam * (B - c) < inc - tol
+        return ok
+
+    gap_closed = math.isfinite(inc) and best_dual >= inc - tol  # the dual proves the incumbent optimal
+    for v in range(0 if gap_closed else L):
+        for j in range(P):
+            if not dag.allowed[j, v]:
+                continue
+            bit = 1 << j
+            kj = dag.kl[j, v]
+            grown: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+            for S, (c, k, r) in labels.items():
+                if S & bit:
+                    continue
+                S2 = S | bit
+                k2 = k + kj
+                # the stage after this decision is (v, j+1): bound with its arrays
+                nj = j + 1
+                ok = bound_ok(S2, c, k2, v, nj)
+                if not ok.any():
+                    continue
+                n = int(ok.sum())
+                ids = np.arange(n_rec, n_rec + n)
+                rec_parent.append(r[ok])
+                rec_pair.append(np.full(n, j))
+                rec_depth.append(np.full(n, v))
+                n_rec += n
+                grown.setdefault(S2, []).append((c[ok], k2[ok], ids))
+            for S2, parts in grown.items():
+                if S2 in labels:
+                    parts.append(labels[S2])
+                c = np.concatenate([p[0] for p in parts])
+                k = np.concatenate([p[1] for p in parts])
+                r = np.concatenate([p[2] for p in parts])
+                labels[S2] = _pareto(c, k, r)
+        # layer v is done: add its cost, re-check bounds at (v+1, 0)
+        nxt: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for S, (c, k, r) in labels.items():
+            c = c + dag.fcost[v][S]
+            if v + 1 < L:
+                ok = bound_ok(S, c, k, v + 1, 0)
+            else:
+                ok = c <= B_tol
+            if ok.any():
+                nxt[S] = (c[ok], k[ok], r[ok])
+                max_labels = max(max_labels, int(ok.sum()))
+        labels = nxt
+
+    best = (math.inf, math.inf, -1, 0)
+    for S, (c, k, r) in (labels.items() if not gap_closed else ()):
+        final = k + dag.end_kl[S]
+        i = int(np.lexsort((c, final))[0])
+        cand = (float(final[i]), float(c[i]), int(r[i]), S)
+        if cand[:2] < best[:2]:
+            best = cand
+    if not math.isfinite(best[0]) or best[0] >= best_kl:
+        # nothing beat the incumbent (every label pruned against it): the incumbent is optimal
+        if best_depths is None:
+            raise SearchError("exact solver found no feasible policy although the budget is reachable")
+        depths = best_depths
+    else:
+        parent = np.concatenate(rec_parent) if rec_parent else np.zeros(0, np.int64)
+        pair_of = np.concatenate(rec_pair) if rec_pair else np.zeros(0, np.int64)
+        depth_of = np.concatenate(rec_depth) if rec_depth else np.zeros(0, np.int64)
+        depths = [L] * P
+        r = best[2]
+        while r >= 0:
+            depths[int(pair_of[r])] = int(depth_of[r])
+            r = int(parent[r])
+    flops = cost.cost(depths)
+    predicted = float(sum(dag.kl[j, d] for j, d in enumerate(depths)))
+    stats = {"seconds": time.perf_counter() - t0, "dual_seconds": t_dual, "lambda": lam,
+             "dual_bound": best_dual, "labels_created": n_rec, "max_labels_per_state": max_labels,
+             "gap_closed_by_dual": gap_closed, "min_flops": min_cost}
+    return Solution({p: int(d) for p, d in zip(cost.pairs, depths)}, predicted, flops, stats)
+
+
+# --------------------------------------------------------------------------------------------
+# Baseline solver and the approximation check
+# --------------------------------------------------------------------------------------------
+def greedy_search(
+    curves: Mapping[Pair, Sequence[float]] | np.ndarray,
+    cost: CostModel,
+    budget_flops: float,
+) -> Solution:
+    """GSOP-style greedy: from dense, repeatedly deepen-prune (depth - 1) the pair with the least
+    KL increase per FLOP saved until the budget fits. Not optimal; a baseline for the exact one."""
+    kl = curves if isinstance(curves, np.ndarray) else curves_array(curves, cost.pairs)
+    L, P = cost.num_layers, len(cost.pairs)
+    depths = [L] * P
+    current = cost.cost(depths)
+    limit = budget_flops * (1 + _REL_TOL)
+    steps = 0
+    while current > limit:
+        best = None
+        for j in range(P):
+            d = depths[j] - 1
+            while d >= 0 and not np.isfinite(kl[j, d]):
+                d -= 1
+            if d < 0:
+                continue
+            trial = depths.copy()
+            trial[j] = d
+            saved = current - cost.cost(trial)
+            if saved <= 0:
+                continue
+            score = (kl[j, d] - kl[j, depths[j]]) / saved
+            if best is None or score < best[0]:
+                best = (score, j, d, saved)
+        if best is None:
+            raise InfeasibleBudgetError(
+                f"greedy search cannot go below {current / 1e12:.6g} TFLOPs "
+                f"(budget {budget_flops / 1e12:.6g})", current)
+        _, j, d, saved = best
+        depths[j] = d
+        current -= saved
+        steps += 1
+    current = cost.cost(depths)
+    predicted = float(sum(kl[j, d] for j, d in enumerate(depths)))
+    return Solution({p: int(d) for p, d in zip(cost.pairs, depths)}, predicted, current, {"steps": steps})
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    # average ranks over ties
+    for value in np.unique(x):
+        idx = np.where(x == value)[0]
+        if len(idx) > 1:
+            ranks[idx] = ranks[idx].mean()
+    return ranks
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def check_additive(points: Iterable[tuple[float, float]]) -> dict[str, float]:
+    """Agreement of the additive estimate with measured joint divergences.
+
+    ``points``: (predicted KL, measured KL) per random depth policy. Returns Pearson and Spearman
+    correlations, the mean ratio measured / predicted and the count.
+    """
+    pts = np.array(list(points), dtype=float).reshape(-1, 2)
+    if len(pts) == 0:
+        raise SearchError("check_additive needs at least one (predicted, measured) point")
+    pred, meas = pts[:, 0], pts[:, 1]
+    ratio = float(np.mean(meas / np.where(pred == 0, np.nan, pred))) if np.any(pred) else float("nan")
+    return {"n": int(len(pts)), "pearson": _pearson(pred, meas),
+            "spearman": _pearson(_ranks(pred), _ranks(meas)), "mean_ratio": ratio}
+
+
+def random_depth_policies(
+    pairs: Sequence[Pair], num_layers: int, n: int, seed: int = 0, grid: Sequence[int] | None = None
+) -> list[dict[Pair, int]]:
+    """``n`` random depth assignments (uniform over the grid) for ``check_additive``."""
+    rng = np.random.default_rng(seed)
+    values = list(grid) if grid is not None else list(range(num_layers + 1))
+    return [{p: int(rng.choice(values)) for p in pairs} for _ in range(n)]
+
+
+def brute_force(
+    curves: Mapping[Pair, Sequence[float]] | np.ndarray,
+    cost: CostModel,
+    budget_flops: float,
+    count: Callable[[Sequence[int]], float] | None = None,
+) -> Solution:
+    """Enumerate every depth vector (tiny instances only; the tests' reference)."""
+    kl = curves if isinstance(curves, np.ndarray) else curves_array(curves, cost.pairs)
+    L, P = cost.num_layers, len(cost.pairs)
+    count = count or cost.cost
+    limit = budget_flops * (1 + _REL_TOL) + _REL_TOL * cost.dense
+    best: tuple[float, float, tuple[int, ...]] | None = None
+    for depths in itertools.product(range(L + 1), repeat=P):
+        k = float(sum(kl[j, d] for j, d in enumerate(depths)))
+        if not math.isfinite(k) or (best is not None and k > best[0]):
+            continue
+        c = count(depths)
+        if c <= limit and (best is None or (k, c) < best[:2]):
+            best = (k, c, depths)
+    if best is None:
+        raise InfeasibleBudgetError("brute force: nothing fits", math.nan)
+    return Solution({p: int(d) for p, d in zip(cost.pairs, best[2])}, best[0], best[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Stage entry point
+# --------------------------------------------------------------------------------------------
+def resolve_budget(
+    budget: Budget, cost: CostModel, flops_for_tokens: Callable[[float], float] | None = None
+) -> float:
+    return budget.to_flops(cost.dense, flops_for_tokens)
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """``dop stage=search``: sweep if missing, then one exact solve per budget."""
+    from dop.sweep import SweepJob
+
+    job = SweepJob.from_config(cfg)
+    job.run(complete=True)
+    return search_job(job, cfg)
+
+
+def search_job(job: Any, cfg: Any) -> dict[str, Any]:
+    """Solve every configured budget on a finished sweep; write policies and ``search.json``."""
+    from dop.flops import count_flops, equivalent_tokens, flops_for_tokens
+
+    method = cfg.method
+    L = job.num_layers
+    fp = job.reference.fingerprint
+    curves = job.store.curves(job.pairs, L, fp)
+    groups = job.flops_groups()
+    convention = str(method.get("convention", "dop"))
+    cost = CostModel.from_flops(job.text_config, groups, job.pairs, convention=convention)
+
+    def tokens_to_flops(k: float) -> float:
+        return flops_for_tokens(job.text_config, groups, k, convention=convention)
+
+    if str(method.get("interpolation", "linear")) != "linear":
+        raise SearchError(f"interpolation {method.get('interpolation')!r} is not supported; valid: linear")
+    if str(method.get("objective", "kl")) != "kl":
+        raise SearchError(f"objective {method.get('objective')!r} is not supported; valid: kl")
+    solver = str(method.get("solver", "exact"))
+    solve = {"exact": solve_exact, "greedy": greedy_search}.get(solver)
+    if solve is None:
+        raise SearchError(f"unknown solver {solver!r}; valid: exact, greedy")
+    budgets = parse_budgets(cfg.budget)
+    run_dir = Path(job.run_dir)
+    results: dict[str, Any] = {"model": job.model_id, "num_layers": L, "groups": groups,
+                               "pairs": [pair_key(p) for p in job.pairs], "convention": convention,
+                               "dense_flops": cost.dense, "fingerprint": fp, "solver": solver,
+                               "budgets": {}}
+    policies: dict[str, Policy] = {}
+    for budget in budgets:
+        target = resolve_budget(budget, cost, tokens_to_flops)
+        sol = solve(curves, cost, target)
+        depth_policy = sol.depth_policy(L, job.model_id)
+        policy = depth_policy.expand(L)
+        exact = count_flops(job.text_config, groups, policy, convention=convention)
+        policies[budget.name] = policy
+        results["budgets"][budget.name] = {
+            "budget": {"kind": budget.kind, "value": budget.value, "flops": target},
+            "depths": depth_policy.to_dict()["depths"],  # attn parameters appear as q and kv
+            "parameters": {pair_key(p): d for p, d in sorted(sol.depths.items())},
+            "predicted_kl": sol.predicted_kl, "measured_kl": None,
+            "flops": exact, "tflops": exact / 1e12, "ratio": exact / cost.dense,
+            "equivalent_tokens": _equivalent_tokens(equivalent_tokens, job.text_config, groups, exact, convention),
+            "solver_seconds": sol.stats.get("seconds"),
+        }
+    # one Lightning predict scores every found policy and the additive-check policies
+    checks = random_depth_policies(job.pairs, L, int(method.get("check_additive", 0) or 0),
+                                   seed=int(cfg.get("seed", 0)))
+    to_measure = dict(policies) if method.get("measure", True) else {}
+    to_measure.update({f"check_{i}": DepthPolicy(d).expand(L) for i, d in enumerate(checks)})
+    measured = job.measure_many(to_measure) if to_measure else {}
+    for name, policy in policies.items():
+        entry = results["budgets"][name]
+        entry["measured_kl"] = measured.get(name)
+        policy.meta = {**policy.meta, "budget": entry["budget"], "predicted_kl": entry["predicted_kl"],
+                       "measured_kl": entry["measured_kl"], "flops": entry["flops"], "ratio": entry["ratio"],
+                       "fingerprint": fp}
+        path = run_dir / "policies" / f"{name}.yaml"
+        policy.to_yaml(path)
+        entry["policy"] = str(path)
+        log.info("budget %s: predicted KL %.4g, measured %s, %.3f of dense, depths %s", name,
+                 entry["predicted_kl"], entry["measured_kl"], entry["ratio"], entry["depths"])
+    if checks:
+        pts = [(predict_kl(curves, d), measured[f"check_{i}"]) for i, d in enumerate(checks)]
+        results["additive_check"] = {**check_additive(pts), "points": pts}
+    _write_json(run_dir / "search.json", results)
+    _log_tracking(cfg, run_dir, results, policies)
+    return results
+
+
+def _equivalent_tokens(fn: Callable[..., float], text_config: Any, groups: Mapping[str, float], flops: float,
+                       convention: str) -> float | None:
+    """Equivalent visual tokens, or None when the policy also prunes non-visual groups below
+    their dense cost (no visual token count matches it)."""
+    from dop.flops import FlopsError
+
+    try:
+        return float(fn(text_config, groups, flops, convention=convention))
+    except FlopsError:
+        return None
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float))
+    tmp.replace(path)
+
+
+def _log_tracking(cfg: Any, run_dir: Any, results: Mapping[str, Any],
+                  policies: Mapping[str, Policy] | None = None) -> None:
+    """Mirror the search to W&B (optional: the run dir is the source of truth)."""
+    try:
+        from dop.tracking import log_metrics, log_policy_heatmap, log_table, start_run
+    except ImportError:
+        return
+    try:
+        with start_run(cfg, "search", run_dir) as run:
+            rows = []
+            for name, entry in results["budgets"].items():
+                log_metrics(run, {f"search/{name}/predicted_kl": entry["predicted_kl"],
+                                  f"search/{name}/measured_kl": entry["measured_kl"],
+                                  f"search/{name}/ratio": entry["ratio"],
+                                  f"search/{name}/tflops": entry["tflops"]})
+                rows.append([name, entry["predicted_kl"], entry["measured_kl"], entry["ratio"],
+                             entry["tflops"], json.dumps(entry["depths"])])
+                if policies and name in policies:
+                    log_policy_heatmap(run, policies[name], results["num_layers"], list(results["groups"]),
+                                       key=f"search/{name}/policy",
+                                       path=Path(run_dir) / "policies" / f"{name}.png")
+            log_table(run, "search/budgets", ["budget", "predicted_kl", "measured_kl", "ratio", "tflops",
+                                              "depths"], rows)
+            check = results.get("additive_check")
+            if check:
+                log_metrics(run, {"search/additive/pearson": check["pearson"],
+                                  "search/additive/spearman": check["spearman"]})
+    except Exception as exc:  # a mirror failing must not fail the search
+        log.warning("W&B logging skipped: %s", exc)

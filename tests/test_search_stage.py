@@ -1,0 +1,75 @@
+"""stage=search / sweep / merge end to end on a tiny random LLaVA (the sweep runs when missing)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+pytest.importorskip("dop.engine")
+pytest.importorskip("dop.flops")
+
+from test_sweep_store import tiny_job  # noqa: E402
+
+import dop.search as search  # noqa: E402
+import dop.sweep as sweep  # noqa: E402
+from dop.policy import DepthPolicy, Policy  # noqa: E402
+
+
+def _cfg(run_dir, **method):
+    return OmegaConf.create({
+        "seed": 0,
+        "paths": {"run_dir": str(run_dir)},
+        "method": {"name": "dop", "solver": "exact", "convention": "dop", "measure": True,
+                   "check_additive": 4, **method},
+        "budget": {"kind": "ratio", "values": [0.6, 0.4]},
+        "sweep": {"shard": 0, "num_shards": 1, "merge_from": []},
+        "logger": {"name": "none", "mode": "disabled"},
+    })
+
+
+def test_search_stage_writes_policies_and_summary(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    job = tiny_job(tmp_path, layers=3)
+    monkeypatch.setattr(sweep.SweepJob, "from_config", classmethod(lambda cls, cfg: job))
+    out = search.run(_cfg(tmp_path))
+    assert job.last_stats["computed"] == len(job.points())  # the sweep ran because it was missing
+    summary = json.loads((tmp_path / "search.json").read_text())
+    assert set(summary["budgets"]) == {"ratio_0.6", "ratio_0.4"} == set(out["budgets"])
+    for name, entry in summary["budgets"].items():
+        assert entry["ratio"] <= entry["budget"]["value"] + 1e-12
+        assert entry["measured_kl"] is not None and entry["predicted_kl"] >= 0
+        assert entry["tflops"] == pytest.approx(entry["flops"] / 1e12)
+        policy = Policy.from_yaml(tmp_path / "policies" / f"{name}.yaml")
+        depth = DepthPolicy.from_yaml(tmp_path / "policies" / f"{name}.yaml")
+        assert policy == depth.expand(3) and policy.meta["depths"] == entry["depths"]
+    assert summary["additive_check"]["n"] == 4
+    # a second search reuses the finished sweep
+    search.run(_cfg(tmp_path))
+    assert job.last_stats["computed"] == 0
+
+
+def test_sweep_and_merge_stages(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    jobs = {k: tiny_job(tmp_path / f"s{k}", layers=3, shard=k, num_shards=2) for k in range(2)}
+    for k in range(2):
+        monkeypatch.setattr(sweep.SweepJob, "from_config", classmethod(lambda cls, cfg, k=k: jobs[k]))
+        assert sweep.run(_cfg(tmp_path / f"s{k}"))["points"] > 0
+    cfg = _cfg(tmp_path / "merged")
+    cfg.sweep.merge_from = [str(tmp_path / "s0"), str(tmp_path / "s1")]
+    report = sweep.run_merge(cfg)
+    assert report["complete"] and (tmp_path / "merged" / "sweep" / "merge.json").exists()
+
+
+def test_unknown_solver_and_infeasible_budget(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    job = tiny_job(tmp_path, layers=3, pairs=[("kv", "vision")])
+    monkeypatch.setattr(sweep.SweepJob, "from_config", classmethod(lambda cls, cfg: job))
+    with pytest.raises(search.SearchError, match="unknown solver"):
+        search.run(_cfg(tmp_path, solver="magic"))
+    cfg = _cfg(tmp_path)
+    cfg.budget = {"kind": "ratio", "values": [0.05]}  # only vision kv searched: far below reach
+    with pytest.raises(search.InfeasibleBudgetError, match="cheapest policy this search space reaches"):
+        search.run(cfg)
