@@ -196,10 +196,19 @@ def plot_accuracy_vs_tflops(records: Sequence[Record], path: str | Path, benchma
     return path
 
 
+def _matches(value: Any, wanted: Any) -> bool:
+    if isinstance(wanted, (list, tuple)) or type(wanted).__name__ == "ListConfig":
+        return value in list(wanted)
+    return value == wanted
+
+
 def run(cfg: Any) -> dict[str, str]:
     """``dop stage=report``: read ``cfg.paths.results_dir``, write report.md/.csv/.png into the run dir."""
     store = ResultsStore(cfg.paths.results_dir)
     records = list(store.latest().values())
+    filters = cfg.get("report_filter") if hasattr(cfg, "get") else None
+    if filters:  # e.g. report_filter={model: tiny_llava, benchmark: synthetic}
+        records = [r for r in records if all(_matches(getattr(r, k, None), v) for k, v in filters.items())]
     out = Path(cfg.paths.run_dir)
     if not records:
         log.warning("report: no records in %s", store.root)

@@ -90,9 +90,20 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
     return dict(cfg) if isinstance(cfg, Mapping) else {}
 
 
+_OUTER: list[Any] = []  # the run of an enclosing job (the pipeline): its stages log into it
+
+
 @contextlib.contextmanager
-def start_run(cfg: Any, job_type: str, run_dir: str | os.PathLike, name: str | None = None) -> Iterator[Any]:
-    """A W&B run configured from ``cfg.logger`` (name, mode, project, entity, tags), always finished."""
+def start_run(cfg: Any, job_type: str, run_dir: str | os.PathLike, name: str | None = None,
+              outer: bool = False) -> Iterator[Any]:
+    """A W&B run configured from ``cfg.logger`` (name, mode, project, entity, tags), always finished.
+
+    With ``outer=True`` the run stays open for nested ``start_run`` calls (the stages of one
+    pipeline job), which then log into it instead of starting runs of their own.
+    """
+    if _OUTER:
+        yield _OUTER[-1]
+        return
     logger = _get(cfg, "logger")
     kind = str(_get(logger, "name", "none"))
     mode = str(_get(logger, "mode", "offline"))
@@ -112,6 +123,8 @@ def start_run(cfg: Any, job_type: str, run_dir: str | os.PathLike, name: str | N
         reinit="create_new",  # several stages in one process each get their own run
     )
     wrapped = WandbRun(run)
+    if outer:
+        _OUTER.append(wrapped)
     try:
         yield wrapped
     except BaseException:
@@ -119,6 +132,9 @@ def start_run(cfg: Any, job_type: str, run_dir: str | os.PathLike, name: str | N
         raise
     else:
         wrapped.finish(exit_code=0)
+    finally:
+        if outer:
+            _OUTER.remove(wrapped)
 
 
 def log_metrics(run: Any, metrics: Mapping[str, Any], step: int | None = None) -> None:

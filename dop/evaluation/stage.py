@@ -101,29 +101,29 @@ def sample_inputs(model: Any, processor: Any):
 
 
 def token_groups(model: Any, input_ids: torch.Tensor) -> dict[str, int]:
-    """{system, vision, instruction} sizes of one unpadded sample (design.md section 3)."""
-    ids = input_ids[0].tolist()
-    image_id = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", None)
-    pos = [i for i, t in enumerate(ids) if t == image_id]
-    if not pos:
-        return {"system": 0, "vision": 0, "instruction": len(ids)}
-    return {"system": pos[0], "vision": len(pos), "instruction": len(ids) - pos[-1] - 1}
+    """Group sizes of one unpadded sample, by the model's adapter (design.md section 3)."""
+    from dop.adapters import get_adapter
+
+    groups = get_adapter(model).token_groups(input_ids[:1])
+    return {name: int(mask.sum()) for name, mask in groups.items()}
 
 
 def flops_of(model: Any, groups: dict[str, int], policy: Any) -> tuple[float | None, float | None]:
-    """(prefill TFLOPs, equivalent visual tokens) in the dop convention; (None, None) without dop.flops."""
+    """(prefill TFLOPs, equivalent visual tokens) in the dop convention.
+
+    The equivalent token count is None when a policy also cuts non-visual groups below their dense
+    cost (no uniform visual-token count matches it); the TFLOPs are recorded regardless.
+    """
+    from dop.flops import FlopsError, count_flops, equivalent_tokens
+
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    flops = count_flops(text_config, groups=groups, policy=policy, convention="dop")
     try:
-        from dop.flops import count_flops, equivalent_tokens
-    except ImportError:
-        return None, None
-    try:
-        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        flops = count_flops(text_config, groups=groups, policy=policy, convention="dop")
         eq = equivalent_tokens(text_config, groups, flops) if groups.get("vision") else None
-        return flops / 1e12, eq
-    except Exception as err:  # FLOPs are an annotation; never lose an evaluation over them
-        log.warning("FLOPs not computed: %s", err)
-        return None, None
+    except FlopsError as err:
+        log.info("no equivalent token count: %s", err)
+        eq = None
+    return flops / 1e12, eq
 
 
 def prefill_latency(model: Any, inputs: Any, policy: Any, repeats: int = 3) -> float:

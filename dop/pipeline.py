@@ -1,0 +1,175 @@
+"""The default stage: the whole DOP pipeline on one model, end to end, in one run directory.
+
+    dop                                  # tiny_llava + synthetic data + ratio budgets 0.5/0.35/0.25
+    dop model=llava15_7b benchmark=paper13 budget=tokens budget.values=[192,128,64]
+
+Steps (each resumes from what the run directory already holds): the dense reference and the
+single-change divergence sweep (``<run>/sweep``), the exact budgeted search (``<run>/policies``,
+``<run>/search.json``), the evaluation of dense and of every found policy through the lmms-eval
+plugin (records in the results store), and the report of this run's records (``<run>/report``).
+W&B gets one run for the whole job. A run directory made by another configuration is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("dop.pipeline")
+
+# What a run directory's sweep and policies depend on; budgets and benchmarks may change freely.
+_IDENTITY_KEYS = ("model", "data", "method.groups", "method.types", "method.pairs", "method.grid_step",
+                  "method.num_calibration", "method.response_tokens", "method.objective", "seed")
+
+
+class RunDirError(RuntimeError):
+    """The run directory belongs to another configuration."""
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    out = {}
+    for key in _IDENTITY_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
+def check_run_dir(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+    """Record this config's identity in ``<run>/pipeline.json``, or refuse a different one."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "pipeline.json"
+    mine = identity(cfg)
+    digest = hashlib.sha256(json.dumps(mine, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        if theirs.get("digest") != digest:
+            diff = [k for k in mine if json.dumps(mine[k], sort_keys=True, default=str)
+                    != json.dumps(theirs.get("identity", {}).get(k), sort_keys=True, default=str)]
+            raise RunDirError(
+                f"run directory {run_dir} was made by another configuration (differs in {', '.join(diff)}); "
+                f"pass hydra.run.dir=<new dir> or remove it"
+            )
+    else:
+        tmp = path.with_name(".pipeline.json.tmp")
+        tmp.write_text(json.dumps({"digest": digest, "identity": mine}, indent=2, default=str))
+        tmp.replace(path)
+    return mine
+
+
+def _with(cfg: DictConfig, **updates: Any) -> DictConfig:
+    """A copy of ``cfg`` with dotted keys set (struct mode off: stages read optional keys)."""
+    out = copy.deepcopy(cfg)
+    OmegaConf.set_struct(out, False)
+    for key, value in updates.items():
+        OmegaConf.update(out, key, value, force_add=True)
+    return out
+
+
+def _resolved(cfg: DictConfig) -> DictConfig:
+    """Resolve ``${hydra:...}`` interpolations now, so copies work outside Hydra's context too."""
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    from dop.evaluation.stage import run as evaluate
+    from dop.report import run as report
+    from dop.search import run as search
+    from dop.tracking import log_metrics, start_run
+
+    cfg = _resolved(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    check_run_dir(run_dir, cfg)
+    (run_dir / "command.txt").write_text(" ".join(__import__("sys").argv) + "\n")
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    with start_run(cfg, "pipeline", run_dir, outer=True) as wb:
+        t = time.perf_counter()
+        _ensure_data(cfg)
+        timings["data_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        print("[dop] 1/4 dense reference + divergence sweep + search")
+        found = search(_with(cfg, **{"sweep.run_dir": str(run_dir)}))
+        timings["search_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        print("[dop] 2/4 evaluate dense")
+        dense = evaluate(_with(cfg, policy=None, **{"paths.run_dir": str(run_dir / "evaluate" / "dense")}))
+        print("[dop] 3/4 evaluate the found policies")
+        pruned = evaluate(_with(cfg, policy=str(run_dir / "policies"),
+                                **{"paths.run_dir": str(run_dir / "evaluate" / "policies")}))
+        timings["evaluate_s"] = time.perf_counter() - t
+
+        print("[dop] 4/4 report")
+        records = dense["records"] + pruned["records"]
+        hashes = sorted({r["policy_hash"] for r in records if r["policy_hash"]})
+        benchmarks = sorted({r["benchmark"] for r in records})
+        report_cfg = _with(cfg, report_filter={"model": str(cfg.model.name), "benchmark": benchmarks,
+                                               "policy_hash": [None, *hashes]},
+                           **{"paths.run_dir": str(run_dir / "report")})
+        paths = report(report_cfg)
+        timings["total_s"] = time.perf_counter() - started
+        log_metrics(wb, {f"pipeline/{k}": v for k, v in timings.items()})
+
+    summary = summarize(found, records)
+    (run_dir / "summary.md").write_text(summary + "\n")
+    (run_dir / "result.json").write_text(json.dumps(
+        {"search": found, "records": records, "report": paths, "timings": timings}, indent=1, default=str))
+    print("\n" + summary)
+    print(f"\nrun directory: {run_dir}")
+    print(f"  policies:  {run_dir / 'policies'}")
+    print(f"  search:    {run_dir / 'search.json'}")
+    print(f"  report:    {paths['markdown']}, {paths['csv']}, {paths['plot']}")
+    print(f"  results:   {cfg.paths.results_dir}")
+    print(f"  took {timings['total_s']:.0f} s")
+    return {"search": found, "records": records, "report": paths, "timings": timings}
+
+
+def _ensure_data(cfg: DictConfig) -> None:
+    if str(cfg.data.get("name")) != "synthetic":
+        return
+    from dop.data.synthetic import ensure_dataset
+
+    ensure_dataset(cfg.data.path, seed=int(cfg.data.get("seed", 0)), sizes=dict(cfg.data.sizes),
+                   grid=int(cfg.data.get("grid", 2)), image_size=int(cfg.data.get("image_size", 32)))
+
+
+def summarize(found: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """One row per method/budget: TFLOPs, share of dense, predicted and measured KL, metric values."""
+    by_budget = {}
+    for entry in found.get("budgets", {}).values():
+        b = entry["budget"]
+        by_budget[(b["kind"], float(b["value"]))] = entry
+    metric_cols = sorted({f"{r['benchmark']}/{r['metric']}" for r in records})
+    header = ["method", "budget", "TFLOPs", "of dense", "pred. KL", "meas. KL", *metric_cols]
+    rows: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        key = (r["method"], r["budget_kind"], r["budget_value"])
+        row = rows.setdefault(key, {"tflops": r["tflops"]})
+        row[f"{r['benchmark']}/{r['metric']}"] = r["value"]
+    dense_tflops = next((v["tflops"] for k, v in rows.items() if k[0] == "dense"), None)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    order = sorted(rows, key=lambda k: (k[0] != "dense", -(k[2] or 0)))
+    for key in order:
+        method, kind, value = key
+        row = rows[key]
+        entry = by_budget.get((kind, float(value))) if kind is not None else None
+        share = (row["tflops"] / dense_tflops) if (dense_tflops and row["tflops"] is not None) else None
+        cells = [method, "-" if kind is None else f"{kind} {value:g}",
+                 _fmt(row["tflops"], ".4g"), _fmt(share, ".1%"),
+                 _fmt(entry["predicted_kl"] if entry else None, ".4f"),
+                 _fmt(entry["measured_kl"] if entry else None, ".4f")]
+        cells += [_fmt(row.get(c), ".3f") for c in metric_cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "-" if x is None else format(x, spec)

@@ -1,0 +1,81 @@
+"""The main job end to end on the embedded tiny model (few samples), and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from dop.cli import CONF_DIR, STAGES
+from dop.models import TINY_LLAVA_DIR
+from dop.pipeline import RunDirError, check_run_dir
+from dop.policy import Policy
+
+needs_tiny = pytest.mark.skipif(not (TINY_LLAVA_DIR / "config.json").exists(), reason="tiny_llava not shipped")
+
+
+def _cfg(tmp: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=[
+            f"paths.output_dir={tmp / 'out'}", f"paths.run_dir={tmp / 'run'}", "logger=none",
+            "data.sizes.train=16", "data.sizes.val=24", "data.sizes.test=60", *overrides])
+
+
+@needs_tiny
+def test_pipeline_end_to_end(tmp_path):
+    from dop.pipeline import run
+
+    cfg = _cfg(tmp_path, "method.num_calibration=16", "sweep.progress_bar=false")
+    out = run(cfg)
+    run_dir = tmp_path / "run"
+    for name in ("search.json", "summary.md", "result.json", "pipeline.json", "report/report.md",
+                 "report/report.csv", "report/accuracy_vs_tflops.png"):
+        assert (run_dir / name).exists(), name
+    search = json.loads((run_dir / "search.json").read_text())
+    dense_flops = search["dense_flops"]
+    for value in (0.5, 0.35, 0.25):
+        name = f"ratio_{value}"
+        entry = search["budgets"][name]
+        assert entry["flops"] <= value * dense_flops + 1e-6
+        policy = Policy.from_yaml(run_dir / "policies" / f"{name}.yaml")
+        assert not policy.is_identity and policy.num_layers == search["num_layers"]
+        assert entry["measured_kl"] is not None and entry["measured_kl"] >= 0
+    records = out["records"]
+    dense = [r for r in records if r["method"] == "dense"]
+    assert len(dense) == 1 and dense[0]["value"] >= 0.9 and dense[0]["samples"] == 60
+    budgets = sorted(r["budget_value"] for r in records if r["method"] == "dop")
+    assert budgets == [0.25, 0.35, 0.5]
+    report = (run_dir / "report" / "report.md").read_text()
+    for value in ("0.5", "0.35", "0.25"):
+        assert value in report
+    # a rerun resumes: nothing is recomputed, same policies
+    again = run(cfg)
+    assert again["search"]["budgets"]["ratio_0.5"]["depths"] == search["budgets"]["ratio_0.5"]["depths"]
+
+
+def test_run_dir_of_another_config_is_refused(tmp_path):
+    check_run_dir(tmp_path, _cfg(tmp_path))
+    check_run_dir(tmp_path, _cfg(tmp_path, "budget.values=[0.3]"))  # budgets may change
+    with pytest.raises(RunDirError, match="differs in model"):
+        check_run_dir(tmp_path, _cfg(tmp_path, "model=llava15_7b"))
+
+
+def test_every_stage_resolves():
+    from dop.cli import resolve_stage
+
+    for name in STAGES:
+        assert callable(resolve_stage(name))
+
+
+def test_bad_cli_input_gives_one_line_errors(tmp_path):
+    dop = [sys.executable, "-m", "dop.cli"]
+    res = subprocess.run([*dop, "stage=nope"], capture_output=True, text=True)
+    assert res.returncode != 0 and "unknown stage 'nope'; valid stages: pipeline" in res.stderr
+    res = subprocess.run([*dop, "model=nope", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True)
+    assert res.returncode != 0 and "Could not find 'model/nope'" in res.stderr and "tiny_llava" in res.stderr
+    res = subprocess.run([*dop, "budget=nope", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True)
+    assert res.returncode != 0 and "Could not find 'budget/nope'" in res.stderr and "ratio" in res.stderr
