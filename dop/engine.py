@@ -91,6 +91,8 @@ class _CallState:
     valid: torch.Tensor  # (B, T) non-padding rows of this call
     groups: dict[str, torch.Tensor] = field(default_factory=dict)
     plans: dict[int, _LayerPlan] = field(default_factory=dict)
+    # token-level selections: (from_layer, rows (B, T) bool, op types) registered by selectors
+    drops: list[tuple[int, torch.Tensor, tuple[OpType, ...]]] = field(default_factory=list)
 
 
 @dataclass
@@ -114,8 +116,10 @@ class Pruner:
         *,
         adapter: Adapter | None = None,
         prefix: tuple[int, torch.Tensor] | None = None,
+        selectors: list | None = None,
     ) -> None:
         self.model = model
+        self.selectors = list(selectors or [])
         self.policy = policy
         self.adapter = adapter or get_adapter(model)
         self.layers = self.adapter.decoder_layers()
@@ -132,6 +136,7 @@ class Pruner:
                 raise EngineError("prefix hidden state must be a (batch, seq, hidden) tensor")
         self.layer_forwards = 0  # decoder-layer forwards actually computed (for sweep accounting)
         self.kept_rows: dict[int, dict[str, list[int]]] = {}  # last prefill: layer -> type -> per-sample
+        self.kept_masks: dict[int, dict[str, torch.Tensor]] = {}  # last prefill: layer -> type -> (B, T)
         self._call: _CallState | None = None
         self._record: _CacheRecord | None = None
         self._hook = None
@@ -197,7 +202,7 @@ class Pruner:
             self.adapter.check_inputs(seen)
             use_cache = seen.get("use_cache")
             use_cache = getattr(self.model.config, "use_cache", True) if use_cache is None else use_cache
-            if cache is None and use_cache and not self.policy.is_identity:
+            if cache is None and use_cache and not (self.policy.is_identity and not self.selectors):
                 # Own the cache the model would create inside, so later decode calls are recognised.
                 from transformers import DynamicCache
 
@@ -209,7 +214,7 @@ class Pruner:
             groups = self.adapter.token_groups(input_ids, attn2d)
             self._record = _CacheRecord(weakref.ref(cache) if cache is not None else None, length=T)
             self._call = _CallState(False, 0, T, valid, groups)
-            self.kept_rows = {}
+            self.kept_rows, self.kept_masks = {}, {}
         else:
             if self.prefix is not None:
                 raise EngineError("prefix reuse is for scoring a prefill, not for decoding")
@@ -224,6 +229,18 @@ class Pruner:
         plan = call.plans.get(layer_idx)
         if plan is not None:
             return plan
+        keep = self.keep_masks(layer_idx, call)
+        dense = all(bool(torch.equal(m, call.valid)) for m in keep.values())
+        rows = {t: _Rows.from_mask(m) for t, m in keep.items()}
+        plan = _LayerPlan(rows[OpType.Q], rows[OpType.KV], rows[OpType.MLP], dense)
+        call.plans[layer_idx] = plan
+        self.kept_rows[layer_idx] = {t.value: m.sum(dim=1).tolist() for t, m in keep.items()}
+        self.kept_masks[layer_idx] = {t.value: m for t, m in keep.items()}
+        return plan
+
+
+    def keep_masks(self, layer_idx: int, call: _CallState) -> dict[OpType, torch.Tensor]:
+        """(B, T) kept rows per op type at a layer: the policy's groups, then selectors' drops."""
         keep = {}
         for op_type in (OpType.Q, OpType.KV, OpType.MLP):
             mask = call.valid.clone()
@@ -231,13 +248,75 @@ class Pruner:
                 g = call.groups.get(group)
                 if g is not None:
                     mask &= ~g
+            for start, rows, types in call.drops:
+                if start <= layer_idx and op_type in types:
+                    mask &= ~rows
             keep[op_type] = mask
-        dense = all(bool(torch.equal(m, call.valid)) for m in keep.values())
-        rows = {t: _Rows.from_mask(m) for t, m in keep.items()}
-        plan = _LayerPlan(rows[OpType.Q], rows[OpType.KV], rows[OpType.MLP], dense)
-        call.plans[layer_idx] = plan
-        self.kept_rows[layer_idx] = {t.value: m.sum(dim=1).tolist() for t, m in keep.items()}
-        return plan
+        return keep
+
+
+class LayerContext:
+    """What a selector sees at the start of a decoder layer during a prefill.
+
+    ``hidden`` is the layer's input (B, T, D); ``groups`` the adapter's group masks; ``keep(type)``
+    the rows kept at this layer so far. ``drop(rows, from_layer)`` removes rows (per sample) from
+    ``from_layer`` on; ``attention_probs`` recomputes attention rows from q/k, so selectors work
+    with any attention backend.
+    """
+
+    def __init__(self, pruner: Pruner, layer_idx: int, layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                 call: _CallState) -> None:
+        self.pruner, self.layer_idx, self.layer, self.hidden = pruner, layer_idx, layer, hidden
+        self.position_embeddings = kwargs.get("position_embeddings")
+        self._call = call
+
+    @property
+    def groups(self) -> dict[str, torch.Tensor]:
+        return self._call.groups
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self._call.valid
+
+    @property
+    def num_layers(self) -> int:
+        return self.pruner.num_layers
+
+    def keep(self, op_type: OpType | str = OpType.KV) -> torch.Tensor:
+        return self.pruner.keep_masks(self.layer_idx, self._call)[OpType(op_type)]
+
+    def drop(self, rows: torch.Tensor, from_layer: int | None = None,
+             types: tuple[OpType | str, ...] = (OpType.Q, OpType.KV, OpType.MLP)) -> None:
+        start = self.layer_idx if from_layer is None else int(from_layer)
+        if start < self.layer_idx:
+            raise EngineError(f"a selector at layer {self.layer_idx} cannot drop rows from layer {start}")
+        if rows.shape != self._call.valid.shape or rows.dtype != torch.bool:
+            raise EngineError(f"drop rows must be a bool mask of shape {tuple(self._call.valid.shape)}")
+        self._call.drops.append((start, rows.to(self._call.valid.device), tuple(OpType(t) for t in types)))
+
+    def attention_probs(self, query_index: torch.Tensor, layer: nn.Module | None = None,
+                        hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax attention (B, heads, Q, T) of the rows ``query_index`` (B, Q) over the rows kept as
+        keys at this layer (causal), recomputed with ``layer``'s q/k projections (default: this
+        layer) on ``hidden`` (default: this layer's input). Columns of dropped rows are 0."""
+        layer = self.layer if layer is None else layer
+        hidden = self.hidden if hidden is None else hidden
+        attn = layer.self_attn
+        module = sys.modules[type(attn).__module__]
+        B, T, _ = hidden.shape
+        h = layer.input_layernorm(hidden)
+        cos, sin = (t.expand(B, -1, -1) for t in self.position_embeddings)
+        k = _rotate(module, _project(attn, h, "k_proj", "k_norm"), cos, sin)
+        qi = query_index.unsqueeze(-1).expand(-1, -1, h.shape[-1])
+        ci = query_index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
+        q = _rotate(module, _project(attn, h.gather(1, qi), "q_proj", "q_norm"), cos.gather(1, ci), sin.gather(1, ci))
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+        scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
+        pos = torch.arange(T, device=hidden.device)
+        allowed = self.keep(OpType.KV)[:, None, :] & (pos[None, None, :] <= query_index[:, :, None])
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
 def _valid_rows(attn2d: torch.Tensor | None, T: int, input_ids: torch.Tensor | None, past: int = 0) -> torch.Tensor:
@@ -268,6 +347,10 @@ def _make_layer_forward(pruner: Pruner, layer_idx: int, own_forward):
                 _extend_full(record, layer_idx, call)
                 return own_forward(hidden_states, *args, **kwargs)
             return _decode_layer(layer, layer_idx, hidden_states, kwargs, cache, pruner, call)
+        if pruner.selectors and layer_idx not in call.plans:
+            ctx = LayerContext(pruner, layer_idx, layer, hidden_states, kwargs, call)
+            for selector in pruner.selectors:
+                selector.before_layer(ctx)
         plan = pruner._plan(layer_idx, call)
         pruner.layer_forwards += 1
         if plan.dense:
@@ -459,13 +542,17 @@ def prune(
     *,
     adapter: Adapter | None = None,
     prefix: tuple[int, torch.Tensor] | None = None,
+    selectors: list | None = None,
 ) -> Iterator[Pruner]:
     """Run ``model`` under ``policy`` inside the block; the model is restored on exit.
 
     ``prefix=(D, hidden_D)`` starts layer D from a known dense hidden state (layers < D are skipped);
     it serves divergence sweeps, whose layers shallower than the pruning depth are exactly dense.
+    ``selectors`` choose rows per sample during a prefill: each one's ``before_layer(ctx)`` is
+    called with a :class:`LayerContext` at the start of every decoder layer.
     """
-    pruner = Pruner(model, policy if policy is not None else Policy(), adapter=adapter, prefix=prefix)
+    pruner = Pruner(model, policy if policy is not None else Policy(), adapter=adapter, prefix=prefix,
+                    selectors=selectors)
     pruner.install()
     try:
         yield pruner

@@ -195,3 +195,62 @@ def test_manual_decode_loop_without_passing_a_cache():
         full = model(input_ids=torch.cat([inputs["input_ids"], nxt], 1), attention_mask=mask,
                      pixel_values=inputs["pixel_values"], use_cache=False).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
+
+
+class LastTokenTopK:
+    """A FastV-like toy selector: at layer k-1, keep the vision rows the last token attends most."""
+
+    def __init__(self, layer: int, keep: int):
+        self.layer, self.k, self.dropped = layer, keep, None
+
+    def before_layer(self, ctx):
+        if ctx.layer_idx != self.layer - 1:
+            return
+        B, T = ctx.valid.shape
+        probs = ctx.attention_probs(torch.full((B, 1), T - 1)).mean(1)[:, 0]  # (B, T)
+        vision = ctx.groups["vision"]
+        score = probs.masked_fill(~vision, float("-inf"))
+        top = score.topk(self.k, dim=1).indices
+        keep = torch.zeros_like(vision).scatter(1, top, True)
+        self.dropped = vision & ~keep
+        ctx.drop(self.dropped, from_layer=self.layer)
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+def test_selector_drops_rows_like_the_reference(attn):
+    model, make_inputs = BUILDERS["llava"](attn=attn)
+    adapter = get_adapter(model)
+    inputs = make_inputs(3, seed=8)
+    selector = LastTokenTopK(layer=2, keep=5)
+    with prune(model, selectors=[selector]) as pruner:
+        ours = model(**inputs).logits
+    assert pruner.kept_rows[2]["kv"] == [int(v) for v in (inputs["attention_mask"].sum(1) - 11)]
+    valid = inputs["attention_mask"].bool()
+    groups = {"dropped": selector.dropped}
+    policy = Policy(Operation(layer, "dropped", t) for layer in (2, 3) for t in ("q", "kv", "mlp"))
+    with reference_prune(model, adapter.decoder_layers(), policy, groups, valid):
+        ref = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(ours[valid], ref[valid], atol=1e-5, rtol=0)
+    # generation after a token-level selection stays exact
+    with prune(model, selectors=[LastTokenTopK(layer=2, keep=5)]):
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_attention_probs_equal_eager_weights():
+    model, make_inputs = BUILDERS["llava"](attn="eager")
+    inputs = make_inputs(2, seed=1)
+    stock = model(**inputs, output_attentions=True).attentions
+    seen = {}
+
+    class Probe:
+        def before_layer(self, ctx):
+            T = ctx.valid.shape[1]
+            seen[ctx.layer_idx] = ctx.attention_probs(torch.tensor([[T - 1, T - 2]] * 2))
+
+    with prune(model, selectors=[Probe()]):
+        model(**inputs)
+    valid = inputs["attention_mask"].bool()
+    for layer, probs in seen.items():
+        expected = stock[layer][:, :, -2:].flip(2) * valid[:, None, None, :]
+        torch.testing.assert_close(probs, expected, atol=1e-5, rtol=0)
