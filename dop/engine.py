@@ -248,8 +248,8 @@ class Pruner:
                 g = call.groups.get(group)
                 if g is not None:
                     mask &= ~g
-            for start, rows, types in call.drops:
-                if start <= layer_idx and op_type in types:
+            for start, rows, op_types in call.drops:
+                if start <= layer_idx and op_type in op_types:
                     mask &= ~rows
             keep[op_type] = mask
         return keep
