@@ -1,0 +1,104 @@
+"""The method protocol: a token-reduction baseline is a selector or an input reducer on dop's engine.
+
+Every method has one *knob* (kept visual tokens, a layer K, a schedule index) that budget matching
+solves so its exact prefill FLOPs (dop convention) are the largest not above a budget. Its FLOPs
+come from its per-layer group sizes (``schedule``) through ``dop.flops``, the same counter as DOP.
+
+- ``kind = "in_llm"``: ``selectors(...)`` returns engine selectors (``before_layer(ctx)``) that drop
+  rows per sample from a layer on (FastV, PyramidDrop, SparseVLM, DART, VTW).
+- ``kind = "pre_llm"``: the method picks (and may merge) visual tokens before the decoder and the
+  model runs on the shorter sequence (``prepare_inputs`` + hooks installed by ``apply``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from torch import nn
+
+from dop.engine import prune
+from dop.flops import count_flops
+from dop.ops import VISION
+
+
+class MethodError(ValueError):
+    """A method cannot run on this model or at this budget; the message says why."""
+
+
+class Method:
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "in_llm"  # in_llm | pre_llm
+    knob: ClassVar[str] = "keep"  # what budget matching solves
+    paper_convention: ClassVar[str | None] = "fastv"  # the method's own paper's FLOPs convention
+    defaults: ClassVar[dict[str, Any]] = {}  # paper hyper-parameters (mirrored in conf/method/<name>.yaml)
+
+    def __init__(self, **hparams: Any) -> None:
+        unknown = sorted(set(hparams) - set(self.defaults) - {"name", "knob_value"})
+        if unknown:
+            raise MethodError(f"method {self.name!r}: unknown hyper-parameter(s) {unknown}; "
+                              f"valid: {sorted(self.defaults)}")
+        self.hparams = {**self.defaults, **{k: v for k, v in hparams.items() if k in self.defaults}}
+
+    # --- budget ------------------------------------------------------------------------------
+    def knob_values(self, groups: Mapping[str, int], num_layers: int) -> list[Any]:
+        """Candidate knob values (any order); budget matching evaluates each one's FLOPs."""
+        return list(range(0, int(groups.get(VISION, 0)) + 1))
+
+    def schedule(self, groups: Mapping[str, int], num_layers: int, knob: Any) -> list[dict[str, int]]:
+        """Per-layer group sizes at this knob (all of q, kv and mlp see the same rows)."""
+        raise NotImplementedError
+
+    def flops(self, text_config: Any, groups: Mapping[str, int], knob: Any, convention: str = "dop") -> float:
+        num_layers = int(_text(text_config).num_hidden_layers)
+        return count_flops(text_config, schedule=self.schedule(groups, num_layers, knob), convention=convention)
+
+    # --- running ----------------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``MethodError`` before running when the model lacks what the method needs."""
+
+    def selectors(self, model: nn.Module, knob: Any) -> list[Any]:
+        return []
+
+    def prepare_inputs(self, model: nn.Module, inputs: Mapping[str, Any], knob: Any) -> Mapping[str, Any]:
+        """Pre-LLM methods shorten the prompt here; in-LLM methods return the inputs unchanged."""
+        return inputs
+
+    @contextmanager
+    def apply(self, model: nn.Module, knob: Any) -> Iterator[Any]:
+        """Install the method on one model instance for the block (undone on exit)."""
+        self.check_model(model)
+        with prune(model, selectors=self.selectors(model, knob)) as pruner:
+            yield pruner
+
+
+def _text(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
+
+
+def uniform_schedule(groups: Mapping[str, int], num_layers: int, changes: Mapping[int, Mapping[str, int]]
+                     ) -> list[dict[str, int]]:
+    """Group sizes per layer with ``changes[l]`` applied from layer ``l`` on."""
+    current = dict(groups)
+    out = []
+    for layer in range(num_layers):
+        current.update(changes.get(layer, {}))
+        out.append(dict(current))
+    return out
+
+
+def topk_rows(score: Any, allowed: Any, k: Sequence[int] | int) -> Any:
+    """(B, T) bool: per sample, the ``k`` highest-scoring ``allowed`` rows (ties by position)."""
+    import torch
+
+    B, T = allowed.shape
+    ks = [int(k)] * B if isinstance(k, int) else [int(x) for x in k]
+    masked = score.float().masked_fill(~allowed, float("-inf"))
+    order = masked.argsort(dim=1, descending=True, stable=True)
+    keep = torch.zeros_like(allowed)
+    for b in range(B):
+        n = min(ks[b], int(allowed[b].sum()))
+        keep[b, order[b, :n]] = True
+    return keep
