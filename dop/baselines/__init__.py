@@ -30,4 +30,22 @@ def get_method(name: str, **hparams: Any) -> Method:
     return method_cls(**hparams)
 
 
+for _name, _target in {
+    # in-LLM selectors (decide at a layer from that layer's state)
+    "fastv": "dop.baselines.fastv:FastV",
+    "pdrop": "dop.baselines.pyramiddrop:PyramidDrop",
+    "sparsevlm": "dop.baselines.sparsevlm:SparseVLM",
+    "dart": "dop.baselines.dart:DART",
+    "vtw": "dop.baselines.vtw:VTW",
+    # pre-LLM reducers (choose visual tokens before the decoder)
+    "fastervlm": "dop.baselines.fastervlm:FasterVLM",
+    "visionzip": "dop.baselines.visionzip:VisionZip",
+    "prumerge_plus": "dop.baselines.prumerge:PruMergePlus",
+    "trim": "dop.baselines.trim:TRIM",
+    "divprune": "dop.baselines.divprune:DivPrune",
+    "vispruner": "dop.baselines.vispruner:VisPruner",
+    "cdpruner": "dop.baselines.cdpruner:CDPruner",
+}.items():
+    register(_name, _target)
+
 __all__ = ["Method", "MethodError", "get_method", "known_methods", "register"]
