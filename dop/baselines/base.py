@@ -52,7 +52,8 @@ class Method:
 
     def flops(self, text_config: Any, groups: Mapping[str, int], knob: Any, convention: str = "dop") -> float:
         num_layers = int(_text(text_config).num_hidden_layers)
-        return count_flops(text_config, schedule=self.schedule(groups, num_layers, knob), convention=convention)
+        return count_flops(text_config, groups=groups, schedule=self.schedule(groups, num_layers, knob),
+                           convention=convention)
 
     # --- running ----------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
