@@ -1,0 +1,112 @@
+"""Load a model + processor: the embedded tiny LLaVA (``"tiny_llava"``), a hub id or a local path.
+
+Prompts follow the processor's own chat template (system prompt, image, instruction), so the
+three token groups the pruning framework uses exist in every prompt: ``system`` = the tokens
+before the image tokens, ``vision`` = the image tokens (``config.image_token_index``),
+``instruction`` = the tokens after them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_LLAVA = "tiny_llava"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+TINY_LLAVA_DIR = ASSETS_DIR / "tiny_llava"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype) -> torch.dtype | str | None:
+    """``None`` / ``"auto"`` pass through; strings map to torch dtypes."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().replace("torch.", "")
+    if key == "auto":
+        return "auto"
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[key]
+
+
+def resolve_path(name_or_path: str) -> str:
+    """``"tiny_llava"`` -> the embedded checkpoint directory; anything else unchanged."""
+    if str(name_or_path) == TINY_LLAVA:
+        if not (TINY_LLAVA_DIR / "config.json").exists():
+            raise FileNotFoundError(
+                f"the embedded tiny_llava checkpoint is missing at {TINY_LLAVA_DIR}; "
+                "rebuild it with the command in dop/assets/tiny_llava/README.md"
+            )
+        return str(TINY_LLAVA_DIR)
+    return str(name_or_path)
+
+
+def load_processor(name_or_path: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(resolve_path(name_or_path))
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    device: str = "cpu",
+):
+    """``(model, processor)``. ``"tiny_llava"`` loads the checkpoint shipped in
+    ``dop/assets/tiny_llava`` with ``from_pretrained``, exactly like a hub checkpoint; any other
+    string is a hub id or a local path, loaded with ``AutoModelForImageTextToText`` and
+    ``AutoProcessor``. ``dtype=None`` keeps the checkpoint's own dtype. The model is in eval mode."""
+    from transformers import AutoModelForImageTextToText
+
+    path = resolve_path(name_or_path)
+    kwargs = {"attn_implementation": attn_implementation}
+    dt = resolve_dtype(dtype)
+    kwargs["dtype"] = "auto" if dt is None else dt
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    model.to(device)
+    model.eval()
+    processor = load_processor(name_or_path)
+    return model, processor
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def build_prompt(processor, question: str, system: str | None = None) -> str:
+    """The generation prompt for one image and one question, from the processor's chat template
+    (LLaVA-1.5 layout: ``<s> {system} user : <image> {question} assistant :`` for the tiny model).
+    ``system`` overrides the template's default system prompt."""
+    messages = []
+    if system is not None:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prepare_inputs(processor, images: list, questions: list[str], *, system: str | None = None,
+                   answers: list[str] | None = None):
+    """A left-padded ``BatchFeature`` (``return_tensors="pt"``) for a batch of (image, question).
+
+    With ``answers``, each prompt is followed by ``" {answer} {eos}"`` (teacher forcing); the
+    answer tokens are then the last tokens of every row (left padding)."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    tok = _tokenizer(processor)
+    texts = [build_prompt(processor, q, system) for q in questions]
+    if answers is not None:
+        texts = [f"{t} {a} {tok.eos_token}" for t, a in zip(texts, answers)]
+    old = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        return processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = old

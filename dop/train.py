@@ -1,0 +1,542 @@
+"""Lightning training of the embedded tiny MLLM (``dop/assets/tiny_llava``).
+
+Recipe (``tiny-model-notes.md``): stage 1 captions only (per-cell description and sorted object
+list, loss on every caption token); stage 2 QA with a share of captions mixed in, relational types
+twice as often; a training-only auxiliary head on each image token predicting its cell's colour and
+shape (dropped before saving, so the checkpoint is a plain ``LlavaForConditionalGeneration``);
+AdamW with a higher learning rate on the vision tower + projector, warmup, constant, linear decay
+over the last part, gradient clipping.
+
+Every batch is a function of (seed, global step) only (``batch_for_step``), so a run resumed from
+``last.ckpt`` sees exactly the batches it would have seen uninterrupted.
+
+Entry points: ``dop stage=train`` (``run(cfg)``) and ``train_tiny_llava(out_dir, ...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dop.data import synthetic as syn
+from dop.models import prepare_inputs
+
+log = logging.getLogger("dop.train")
+
+SYSTEM_PROMPT = "a chat between a user and an assistant ."
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+TEMPLATE_WORDS = ["user", "assistant", ":", "chat", "between", "an", "and"]
+
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='" + SYSTEM_PROMPT + "') -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'system' -%}"
+    "{%- if m['content'] is string -%}{%- set ns.system = m['content'] -%}"
+    "{%- else -%}{%- set ns.system = m['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join(' ') -%}{%- endif -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{{- bos_token -}}{%- if ns.system -%}{{- ' ' + ns.system -}}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{{- ' user :' -}}"
+    "{%- if m['content'] is string -%}{{- ' ' + m['content'] -}}"
+    "{%- else -%}{%- for c in m['content'] -%}"
+    "{%- if c['type'] == 'image' -%}{{- ' <image>' -}}"
+    "{%- elif c['type'] == 'text' -%}{{- ' ' + c['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- elif m['role'] == 'assistant' -%}{{- ' assistant :' -}}"
+    "{%- if m['content'] is string -%}{{- ' ' + m['content'] -}}"
+    "{%- else -%}{%- for c in m['content'] -%}{%- if c['type'] == 'text' -%}{{- ' ' + c['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}{{- ' ' + eos_token -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- ' assistant :' -}}{%- endif -%}"
+)
+
+
+@dataclass
+class TinyArch:
+    """Architecture of the tiny LLaVA (CLIP vision tower + Llama decoder)."""
+
+    grid: int = 2
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_mlp: int = 256
+    hidden: int = 128
+    layers: int = 6
+    heads: int = 4
+    kv_heads: int = 2
+    mlp: int = 512
+    max_positions: int = 256
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 5000
+    stage1_steps: int = 800
+    batch_size: int = 32
+    caption_mix: float = 0.3          # share of caption samples in stage 2
+    qtype_weights: dict | None = None  # stage-2 QA sampling weights (default: relational types 2, others 1)
+    lr_lm: float = 1e-3
+    lr_vision: float = 3e-3           # vision tower, projector, auxiliary heads
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.98)
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2       # linear decay to 0 over the last part of training
+    grad_clip: float = 1.0
+    aux_weight: float = 1.0           # auxiliary per-image-token colour/shape loss
+    ckpt_every: int = 250             # last.ckpt every N steps
+    eval_every: int = 500             # quick val accuracy (0 = never)
+    eval_samples: int = 200
+    num_threads: int = 1
+    progress_bar: bool = True
+    arch: TinyArch = field(default_factory=TinyArch)
+
+
+# ------------------------------------------------------------------ model + processor
+def build_processor(arch: TinyArch | None = None):
+    """Word-level tokenizer + ``CLIPImageProcessorPil`` + ``LlavaProcessor`` with the chat template."""
+    arch = arch or TinyArch()
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = list(SPECIAL_TOKENS) + TEMPLATE_WORDS
+    words += [w for w in syn.vocabulary(arch.grid) + SYSTEM_PROMPT.split() if w not in words]
+    words = list(dict.fromkeys(words))
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    ip = CLIPImageProcessorPil(
+        size={"shortest_edge": arch.image_size}, crop_size={"height": arch.image_size, "width": arch.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=ip, tokenizer=tok, patch_size=arch.patch_size, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token="<image>", chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llava(processor, arch: TinyArch | None = None, attn_implementation: str = "sdpa"):
+    """A randomly initialised tiny ``LlavaForConditionalGeneration`` matching ``processor``."""
+    arch = arch or TinyArch()
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = processor.tokenizer
+    n_img = (arch.image_size // arch.patch_size) ** 2
+    vcfg = CLIPVisionConfig(
+        hidden_size=arch.vision_hidden, intermediate_size=arch.vision_mlp, num_hidden_layers=arch.vision_layers,
+        num_attention_heads=arch.vision_heads, image_size=arch.image_size, patch_size=arch.patch_size,
+        projection_dim=arch.vision_hidden,
+    )
+    tcfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=arch.hidden, intermediate_size=arch.mlp, num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads, max_position_embeddings=arch.max_positions,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    cfg = LlavaConfig(
+        vision_config=vcfg, text_config=tcfg, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=n_img, vision_feature_select_strategy="default", vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    gc.do_sample = False
+    return model
+
+
+# ------------------------------------------------------------------ batches
+def step_qtypes(step: int, cfg: TrainConfig) -> tuple[list[str], list[float]]:
+    """Question types and weights at a training step (stage 1: captions only)."""
+    if step < cfg.stage1_steps:
+        return list(syn.CAPTION_TYPES), [1.0, 1.0]
+    qa = list(syn.QA_TYPES)
+    w = np.asarray(syn.training_weights(qa), float)
+    if cfg.qtype_weights:
+        w = np.asarray([float(cfg.qtype_weights.get(q, wq)) for q, wq in zip(qa, w)])
+    w = w / w.sum() * (1.0 - cfg.caption_mix)
+    caps = [cfg.caption_mix / len(syn.CAPTION_TYPES)] * len(syn.CAPTION_TYPES)
+    return qa + list(syn.CAPTION_TYPES), list(w) + caps
+
+
+def cell_targets(scenes: list[syn.Scene], arch: TinyArch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image token (row-major patches): colour index (0 = empty) and shape index (0 = empty)."""
+    pps = arch.image_size // arch.patch_size
+    colours = list(syn.COLOURS)
+    col = np.zeros((len(scenes), pps * pps), np.int64)
+    shp = np.zeros_like(col)
+    for b, sc in enumerate(scenes):
+        for p in range(pps * pps):
+            r, c = divmod(p, pps)
+            cell = (r * sc.grid // pps) * sc.grid + (c * sc.grid // pps)
+            o = sc.at(cell)
+            if o is not None:
+                col[b, p] = colours.index(o.colour) + 1
+                shp[b, p] = syn.SHAPES.index(o.shape) + 1
+    return torch.from_numpy(col), torch.from_numpy(shp)
+
+
+def batch_for_step(processor, step: int, cfg: TrainConfig) -> dict:
+    """The training batch of a step: a pure function of (cfg.seed, step)."""
+    from PIL import Image
+
+    qtypes, weights = step_qtypes(step, cfg)
+    samples = [
+        syn.make_sample(syn.sample_rng(cfg.seed, "stream", step * cfg.batch_size + i), qtypes, weights,
+                        grid=cfg.arch.grid, image_size=cfg.arch.image_size)
+        for i in range(cfg.batch_size)
+    ]
+    images = [Image.fromarray(s["image"]) for s in samples]
+    answers = [s["answer"] for s in samples]
+    inputs = prepare_inputs(processor, images, [s["question"] for s in samples], answers=answers)
+    n_target = torch.tensor([len(a.split()) + 1 for a in answers])  # answer words + </s>
+    col, shp = cell_targets([syn.Scene.from_json(s["scene"]) for s in samples], cfg.arch)
+    return {**dict(inputs), "n_target": n_target, "cell_colour": col, "cell_shape": shp}
+
+
+class _StepIndex(torch.utils.data.Dataset):
+    """A dataloader of step numbers; the module builds each batch from its global step."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+# ------------------------------------------------------------------ Lightning module
+def _lightning():
+    import lightning
+
+    return lightning
+
+
+def make_module(cfg: TrainConfig, processor, model=None):
+    L = _lightning()
+
+    class TinyLlavaModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.cfg = cfg
+            self.processor = processor
+            self.model = model if model is not None else build_tiny_llava(processor, cfg.arch)
+            h = cfg.arch.hidden
+            self.aux_colour = torch.nn.Linear(h, len(syn.COLOURS) + 1)
+            self.aux_shape = torch.nn.Linear(h, len(syn.SHAPES) + 1)
+            self.steps_seen: list[int] = []
+            self._t0 = None
+
+        def forward_loss(self, batch):
+            m = self.model
+            out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], output_hidden_states=cfg.aux_weight > 0)
+            logits = out.logits  # (B, T, V)
+            B, T, _ = logits.shape
+            ids = batch["input_ids"]
+            n_t = batch["n_target"]
+            pos = torch.arange(T).expand(B, T)
+            tgt_mask = pos >= (T - n_t)[:, None]          # answer tokens (rows end at T: left padding)
+            pred = logits[:, :-1][tgt_mask[:, 1:]]
+            gold = ids[:, 1:][tgt_mask[:, 1:]]
+            tok_loss = F.cross_entropy(pred.float(), gold, reduction="none")
+            row = torch.repeat_interleave(torch.arange(B), n_t)
+            per_sample = torch.zeros(B).index_add_(0, row, tok_loss) / n_t
+            lm_loss = per_sample.mean()
+            loss, aux = lm_loss, torch.zeros(())
+            if cfg.aux_weight > 0:
+                emb = out.hidden_states[0]                   # LM input: projected image features
+                img = ids == m.config.image_token_index
+                feats = emb[img].view(B, -1, emb.shape[-1])
+                aux = 0.5 * (
+                    F.cross_entropy(self.aux_colour(feats).flatten(0, 1), batch["cell_colour"].flatten())
+                    + F.cross_entropy(self.aux_shape(feats).flatten(0, 1), batch["cell_shape"].flatten())
+                )
+                loss = loss + cfg.aux_weight * aux
+            return loss, lm_loss, aux
+
+        def training_step(self, step_index, batch_idx):
+            step = int(self.global_step)
+            if self._t0 is None:
+                self._t0 = time.time()
+            self.steps_seen.append(step)
+            batch = batch_for_step(self.processor, step, cfg)
+            loss, lm_loss, aux = self.forward_loss(batch)
+            self.log_dict({"loss": loss.detach(), "lm": lm_loss.detach(), "aux": aux.detach()},
+                          prog_bar=True, on_step=True, batch_size=cfg.batch_size)
+            return loss
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            step = int(self.global_step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step >= cfg.stage1_steps:
+                acc = quick_eval(self.model, self.processor, cfg, cfg.eval_samples)
+                self.log("val_acc", acc, prog_bar=True, on_step=True, batch_size=cfg.batch_size)
+                log.info("step %d: val acc %.3f (%.0f s)", step, acc, time.time() - self._t0)
+                self.model.train()
+
+        def configure_optimizers(self):
+            groups = defaultdict(list)
+            for name, p in self.named_parameters():
+                if not p.requires_grad:
+                    continue
+                vision = not name.startswith("model.model.language_model") and not name.startswith("model.lm_head")
+                decay = p.ndim >= 2 and "embed" not in name
+                groups[(vision, decay)].append(p)
+            opt = torch.optim.AdamW(
+                [{"params": ps, "lr": cfg.lr_vision if vis else cfg.lr_lm,
+                  "weight_decay": cfg.weight_decay if dec else 0.0} for (vis, dec), ps in sorted(groups.items())],
+                betas=tuple(cfg.betas),
+            )
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return TinyLlavaModule()
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_start = int(cfg.steps * (1 - cfg.decay_fraction))
+    if step < decay_start:
+        return 1.0
+    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_start))
+
+
+# ------------------------------------------------------------------ evaluation
+def quick_eval(model, processor, cfg: TrainConfig, n: int) -> float:
+    """Accuracy on ``n`` generated val samples (no dataset on disk needed)."""
+    from PIL import Image
+
+    rows = {"image": [], "question": [], "answer": [], "qtype": []}
+    for i in range(n):
+        s = syn.make_sample(syn.sample_rng(cfg.seed + 10_000, "val", i), grid=cfg.arch.grid,
+                            image_size=cfg.arch.image_size)
+        rows["image"].append(Image.fromarray(s["image"]))
+        for k in ("question", "answer", "qtype"):
+            rows[k].append(s[k])
+    return evaluate_accuracy(model, processor, rows, batch_size=50)["accuracy"]
+
+
+def _normalise(text: str) -> str:
+    words = text.strip().lower().replace(".", " ").replace(",", " ").split()
+    return words[0] if words else ""
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, processor, dataset, batch_size: int = 32, max_samples: int | None = None,
+                      max_new_tokens: int = 5) -> dict:
+    """Greedy one-word answers compared with ``answer`` (exact match after lower-casing).
+
+    When every answer is one token of the tokenizer, the answer is the arg-max of the logits after
+    the prompt (the first greedy token: one forward pass per batch); otherwise a short greedy
+    ``generate`` and its first word. ``dataset``: a ``datasets.Dataset`` or a dict of lists with
+    ``image``, ``question``, ``answer`` (and optional ``qtype``).
+    Returns ``{"accuracy", "n", "per_qtype": {qtype: accuracy}, "predictions": [...]}``."""
+    tok = getattr(processor, "tokenizer", processor)
+    n = len(dataset["answer"]) if isinstance(dataset, dict) else len(dataset)
+    if max_samples is not None:
+        n = min(n, int(max_samples))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    correct, per_type, preds = 0, defaultdict(lambda: [0, 0]), []
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        if isinstance(dataset, dict):
+            rows = {k: [dataset[k][i] for i in idx] for k in dataset}
+        else:
+            rows = dataset[start:start + len(idx)]
+        answers = [str(a).strip().lower() for a in rows["answer"]]
+        qtypes = rows.get("qtype") or ["all"] * len(answers)
+        images = [im.convert("RGB") if hasattr(im, "convert") else im for im in rows["image"]]
+        inputs = prepare_inputs(processor, images, list(rows["question"])).to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        single = all(len(tok(a, add_special_tokens=False)["input_ids"]) == 1 for a in answers)
+        if single:
+            logits = model(**inputs).logits[:, -1]
+            out = tok.convert_ids_to_tokens(logits.argmax(-1).tolist())
+            got = [_normalise(o) for o in out]
+        else:
+            gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            texts = tok.batch_decode(gen[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            got = [_normalise(t) for t in texts]
+        for g, a, t in zip(got, answers, qtypes):
+            ok = g == a
+            correct += ok
+            per_type[t][0] += ok
+            per_type[t][1] += 1
+            preds.append(g)
+    model.train(was_training)
+    return {
+        "accuracy": correct / max(1, n),
+        "n": n,
+        "per_qtype": {t: c / k for t, (c, k) in sorted(per_type.items())},
+        "predictions": preds,
+    }
+
+
+# ------------------------------------------------------------------ training
+def _as_train_config(**kw) -> TrainConfig:
+    arch = kw.pop("arch", None)
+    if isinstance(arch, dict):
+        arch = TinyArch(**arch)
+    cfg = TrainConfig(**kw)
+    if arch is not None:
+        cfg.arch = arch
+    if isinstance(cfg.betas, list):
+        cfg.betas = tuple(cfg.betas)
+    return cfg
+
+
+def fit(cfg: TrainConfig, run_dir, out_dir=None, *, resume: bool = True, logger=False):
+    """Train (or resume) in ``run_dir`` (``last.ckpt`` there); then, when ``out_dir`` is given,
+    ``save_pretrained`` the plain LLaVA + processor there. Returns ``(module, info)``."""
+    L = _lightning()
+    torch.set_num_threads(int(cfg.num_threads))
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    processor = build_processor(cfg.arch)
+    module = make_module(cfg, processor)
+    last = run_dir / "last.ckpt"
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=str(run_dir), filename="step{step}", save_last=True, save_top_k=0,
+        every_n_train_steps=int(cfg.ckpt_every), save_on_train_epoch_end=False,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=int(cfg.steps), max_epochs=-1,
+        gradient_clip_val=cfg.grad_clip, callbacks=[ckpt_cb], logger=logger,
+        enable_progress_bar=bool(cfg.progress_bar), enable_model_summary=False,
+        default_root_dir=str(run_dir), num_sanity_val_steps=0, log_every_n_steps=50,
+    )
+    loader = torch.utils.data.DataLoader(_StepIndex(int(cfg.steps)), batch_size=None, shuffle=False)
+    ckpt_path = str(last) if (resume and last.exists()) else None
+    start_step = 0
+    if ckpt_path:
+        start_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False)["global_step"])
+        log.info("resuming from %s at step %d", ckpt_path, start_step)
+    t0 = time.time()
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    elapsed = time.time() - t0
+    trainer.save_checkpoint(str(last))
+    info = {"seed": cfg.seed, "steps": int(trainer.global_step), "start_step": start_step,
+            "first_step_run": module.steps_seen[0] if module.steps_seen else None,
+            "train_seconds_this_run": round(elapsed, 1), "config": _jsonable(asdict(cfg))}
+    prev = run_dir / "train_info.json"
+    total = elapsed
+    if ckpt_path and prev.exists():
+        total += json.loads(prev.read_text()).get("train_seconds_total", 0.0)
+    info["train_seconds_total"] = round(total, 1)
+    prev.write_text(json.dumps(info, indent=2))
+    if out_dir is not None:
+        save_plain(module.model, processor, out_dir)
+    return module, info
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def save_plain(model, processor, out_dir) -> Path:
+    """``save_pretrained`` of the plain ``LlavaForConditionalGeneration`` (no auxiliary heads) and
+    the processor."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    processor.save_pretrained(str(out))
+    return out
+
+
+def train_tiny_llava(out_dir, seed: int = 0, steps: int = 5000, *, run_dir=None, resume: bool = True,
+                     evaluate_on=None, **kw) -> dict:
+    """Train the tiny LLaVA and save it (plain ``LlavaForConditionalGeneration`` + processor) to
+    ``out_dir``. ``run_dir`` holds ``last.ckpt`` (default ``<out_dir>/../<name>_run``); an
+    interrupted call resumes there. ``evaluate_on``: a dataset (split) to report test accuracy on.
+    Other keyword arguments are ``TrainConfig`` fields (``batch_size``, ``stage1_steps``, ``arch``
+    = dict of ``TinyArch`` fields, ...). Returns the info dict (also in ``<run_dir>/train_info.json``)."""
+    out_dir = Path(out_dir)
+    run_dir = Path(run_dir) if run_dir is not None else out_dir.parent / f"{out_dir.name}_run"
+    cfg = _as_train_config(seed=seed, steps=steps, **kw)
+    module, info = fit(cfg, run_dir, out_dir, resume=resume)
+    if evaluate_on is not None:
+        res = evaluate_accuracy(module.model, module.processor, evaluate_on)
+        info["test"] = {k: v for k, v in res.items() if k != "predictions"}
+        (run_dir / "train_info.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def run(cfg):
+    """Hydra stage ``dop stage=train``: knobs in ``cfg.train``; data in ``cfg.data``; writes
+    ``last.ckpt`` and ``train_info.json`` under ``cfg.paths.run_dir`` and the model to
+    ``cfg.train.out_dir`` (default ``<run_dir>/model``)."""
+    from omegaconf import OmegaConf
+
+    t = OmegaConf.to_container(cfg.train, resolve=True)
+    run_dir = Path(cfg.paths.run_dir)
+    out_dir = t.pop("out_dir", None) or run_dir / "model"
+    t.pop("resume", None)
+    threads = cfg.get("num_threads", None)
+    if threads:
+        t["num_threads"] = int(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(t.get("num_threads", 1)))
+    if "seed" not in t or t["seed"] is None:
+        t["seed"] = int(cfg.get("seed", 0))
+    tc = _as_train_config(**t)
+    _, info = fit(tc, run_dir, out_dir, resume=bool(cfg.train.get("resume", True)))
+    data = cfg.get("data", None)
+    if data is not None and data.get("name") == "synthetic":
+        path = syn.ensure_dataset(data.path, seed=int(data.seed), sizes=dict(data.sizes))
+        test = syn.load_dataset_dir(path)["test"]
+        from dop.models import load_model
+
+        model, proc = load_model(str(out_dir), dtype="float32")
+        res = evaluate_accuracy(model, proc, test)
+        info["test"] = {k: v for k, v in res.items() if k != "predictions"}
+        info["chance"] = syn.chance_accuracy(test)
+        log.info("test accuracy %.4f (chance %.3f, blind %.3f)", res["accuracy"], info["chance"]["chance"],
+                 info["chance"]["blind"])
+    (run_dir / "train_info.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def main(argv=None):
+    """``python -m dop.train OUT_DIR [STEPS] [SEED] [--qtype-weights JSON] [--run-dir DIR]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m dop.train", description=main.__doc__)
+    ap.add_argument("out_dir")
+    ap.add_argument("steps", nargs="?", type=int, default=5000)
+    ap.add_argument("seed", nargs="?", type=int, default=0)
+    ap.add_argument("--qtype-weights", type=json.loads, default=None, help='e.g. \'{"exists": 4}\'')
+    ap.add_argument("--run-dir", default=None)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    info = train_tiny_llava(a.out_dir, seed=a.seed, steps=a.steps, run_dir=a.run_dir, qtype_weights=a.qtype_weights)
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()
