@@ -1,0 +1,85 @@
+"""LLaVA-PruMerge+, fixed-k variant (Shang et al., arXiv 2403.15388; code ``42Shawn/LLaVA-PruMerge``,
+``clip_encoder.py::token_prune_merge_advanced_plus``).
+
+Official algorithm: q/k of the last CLIP layer (hooks on ``q_proj``/``k_proj``), one head over the
+full width, ``cls_attn = softmax(q k^T / sqrt(C))[0, 1:]``; the IQR outliers (> Q3 + 1.5 IQR) of
+``cls_attn`` are kept, plus spatially uniform samples; every kept token adds the ``cls_attn``-weighted
+sum of its 32 most key-similar other tokens; one extra token = ``cls_attn``-weighted sum of all
+non-kept tokens. Merging is on vision-tower features of the feature layer (before the projector).
+
+Fixed-k variant for budgets (the adaptive count would make ``k`` image dependent): of the ``k``
+tokens, 1 is the extra token, ``min(#IQR outliers, k-1)`` are the outliers with the highest
+``cls_attn``, and the rest are evenly spaced (in raster order) among the remaining patches (the
+official code uses a fixed stride grid whose size depends on the adaptive ratio). Kept tokens are
+in spatial order (official: outliers by score, then samples).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from dop.baselines.reducer import (
+    ReducerMethod,
+    VisionContext,
+    _tower_layers,
+    complement,
+    evenly_spaced,
+    iqr_outliers,
+)
+
+
+def prumerge_select(cls_attn: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, k-1) kept patches: IQR outliers (top by score, at most k-1) + evenly spaced others."""
+    out = []
+    m = max(k - 1, 0)
+    for s in cls_attn:
+        outl = iqr_outliers(s)
+        n_attn = min(int(outl.sum()), m)
+        top = s.float().masked_fill(~outl, float("-inf")).argsort(descending=True, stable=True)[:n_attn]
+        rest = complement(top.unsqueeze(0), len(s))[0]
+        out.append(torch.cat([top, evenly_spaced(rest, m - n_attn)]).sort().values)
+    return torch.stack(out)
+
+
+def prumerge_tokens(feats: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor, idx: torch.Tensor,
+                    neighbours: int = 32) -> torch.Tensor:
+    """(n, m+1, C): each kept feature + weighted sum of its ``neighbours`` most key-similar other tokens,
+    then the cls_attn-weighted sum of the non-kept tokens. ``keys`` (n, N, c) of the patches."""
+    n, N, C = feats.shape
+    kn = F.normalize(keys.float(), dim=-1)
+    out = []
+    for b in range(n):
+        sel = idx[b]
+        sim = kn[b, sel] @ kn[b].T  # (m, N)
+        sim[torch.arange(len(sel)), sel] = float("-inf")  # never the token itself
+        nb = sim.topk(min(neighbours, N - 1), dim=-1).indices  # (m, nbrs)
+        w = cls_attn[b][nb].unsqueeze(-1).to(feats.dtype)
+        kept = feats[b, sel] + (feats[b][nb] * w).sum(1)
+        rest = complement(sel.unsqueeze(0), N)[0]
+        extra = (feats[b, rest] * cls_attn[b, rest].unsqueeze(-1).to(feats.dtype)).sum(0, keepdim=True)
+        out.append(torch.cat([kept, extra]))
+    return torch.stack(out)
+
+
+class PruMergePlus(ReducerMethod):
+    name: ClassVar[str] = "prumerge_plus"
+    paper_convention: ClassVar[str | None] = "fastv"
+    defaults: ClassVar[dict] = {"neighbours": 32, "qk_layer": -1}
+
+    def qk_layer(self, model) -> int:
+        return int(self.hparams["qk_layer"]) % len(_tower_layers(model))
+
+    def attn_layers(self, model) -> list[int]:
+        return [self.qk_layer(model)]
+
+    def reduce(self, ctx: VisionContext, k: int) -> torch.Tensor:
+        q, kk = ctx.qk_full(self.qk_layer(ctx.model))
+        C = ctx.features.shape[-1]
+        cls_attn = torch.softmax((q[:, :1].float() @ kk.float().transpose(-1, -2)) * C ** -0.5, dim=-1)[:, 0, 1:]
+        idx = prumerge_select(cls_attn, k)
+        self.last_selection = idx
+        tokens = prumerge_tokens(ctx.features, kk[:, 1:], cls_attn, idx, int(self.hparams["neighbours"]))
+        return ctx.project(tokens)

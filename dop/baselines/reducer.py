@@ -1,0 +1,455 @@
+"""Shared machinery of the pre-LLM reducers: read the vision tower, pick k tokens, shorten the prompt.
+
+A pre-LLM reducer (FasterVLM, VisionZip, PruMerge+, TRIM, DivPrune, VisPruner, CDPruner) decides,
+per image, which ``k`` visual tokens reach the decoder; the decoder then runs on the shorter
+sequence, so every decoder layer sees ``k`` visual tokens (``schedule``).
+
+How it runs on one model instance (nothing is patched, every hook is removed on exit):
+
+- ``prepare_inputs(model, inputs, k)`` rewrites ``input_ids``/``attention_mask`` so that each image
+  has exactly ``k`` ``<image>`` placeholders (the padding side of the batch is kept).
+- ``apply(model, k)`` installs, for the block:
+  * forward pre-hooks on the ``self_attn`` of the vision-tower layers the method reads; they keep
+    that layer's attention *input* (after ``layer_norm1``), from which ``VisionContext`` recomputes
+    the [CLS] attention row or the keys with the layer's own ``q_proj``/``k_proj``. Only these rows
+    are computed; the tower keeps its attention backend (SDPA) and never runs eager;
+  * a forward hook on the encoder layer whose output is the LLaVA feature layer (for the [CLS]
+    hidden state, which the ``default`` feature strategy drops before the projector);
+  * a forward hook on ``model.model.multi_modal_projector`` that replaces its output
+    ``(images, N, D)`` by the method's ``(images, k, D)`` tokens (``ReducerMethod.reduce``).
+  The projector only runs at prefill, so ``model.generate`` works unchanged.
+
+Supported: ``LlavaForConditionalGeneration`` (``model_type == "llava"``) with a CLIP-style vision
+tower, one ``vision_feature_layer`` and the ``default`` feature strategy (LLaVA-1.5). Other families
+(LLaVA-NeXT packs crops and newlines after the projector, Qwen-VL merges patches in the tower) raise
+``MethodError`` in ``check_model``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dop.baselines.base import Method, MethodError, uniform_schedule
+from dop.ops import VISION
+
+SUPPORTED_MODEL_TYPES = ("llava",)
+
+
+# --------------------------------------------------------------------------------------------
+# Model access
+# --------------------------------------------------------------------------------------------
+def _tower_layers(model: nn.Module) -> nn.ModuleList:
+    tower = model.model.vision_tower
+    inner = getattr(tower, "vision_model", tower)
+    return inner.encoder.layers
+
+
+def check_reducible(model: nn.Module, method: str) -> None:
+    """Raise ``MethodError`` unless ``model`` is a family the reducers support."""
+    cfg = getattr(model, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise MethodError(f"method {method!r} (pre-LLM reducer) supports model types {list(SUPPORTED_MODEL_TYPES)} "
+                          f"(LlavaForConditionalGeneration, LLaVA-1.5 style); got {mtype!r}")
+    inner = getattr(model, "model", None)
+    if getattr(inner, "multi_modal_projector", None) is None or getattr(inner, "vision_tower", None) is None:
+        raise MethodError(f"method {method!r}: model has no model.multi_modal_projector / model.vision_tower")
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise MethodError(f"method {method!r}: a list vision_feature_layer {cfg.vision_feature_layer} is not "
+                          "supported (one feature layer only)")
+    if cfg.vision_feature_select_strategy != "default":
+        raise MethodError(f"method {method!r}: vision_feature_select_strategy "
+                          f"{cfg.vision_feature_select_strategy!r} is not supported (only 'default')")
+    try:
+        layers = _tower_layers(model)
+        layers[0].self_attn.q_proj, layers[0].self_attn.k_proj  # noqa: B018
+    except AttributeError as e:
+        raise MethodError(f"method {method!r}: vision tower is not CLIP-like (encoder.layers[i].self_attn."
+                          f"q_proj/k_proj): {e}") from e
+
+
+def tokens_per_image(model: nn.Module) -> int:
+    """Placeholders (= projector rows) per image: patches of the tower, from its config."""
+    vc = model.config.vision_config
+    return (int(vc.image_size) // int(vc.patch_size)) ** 2
+
+
+def feature_layer_index(model: nn.Module) -> int:
+    """The encoder layer whose output is ``hidden_states[vision_feature_layer]`` (-2 -> L-2)."""
+    n = len(_tower_layers(model))
+    f = int(model.config.vision_feature_layer)
+    return f % (n + 1) - 1
+
+
+def scaled_layer(index: int, of: int, num_layers: int) -> int:
+    """Layer ``index`` of a ``of``-layer tower mapped to a ``num_layers``-layer one (VisionZip's 22/24)."""
+    return max(0, min(num_layers - 1, round(index * num_layers / of)))
+
+
+# --------------------------------------------------------------------------------------------
+# What a method sees
+# --------------------------------------------------------------------------------------------
+@dataclass
+class VisionContext:
+    """Everything captured for one projector call (``n`` images, ``N`` patches each)."""
+
+    model: nn.Module
+    features: torch.Tensor  # (n, N, C) projector input: patch features of the feature layer
+    projected: torch.Tensor  # (n, N, D) projector output
+    cls_hidden: torch.Tensor | None  # (n, C) [CLS] hidden state at the feature layer
+    attn_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, 1+N, C) self_attn input
+    texts: list[Any] | None = None  # per image: text embeddings (segments, P) for text-guided methods
+    _project: Any = None
+
+    @property
+    def feature_layer(self) -> int:
+        return feature_layer_index(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(_tower_layers(self.model))
+
+    def _attn(self, layer: int) -> nn.Module:
+        if layer not in self.attn_inputs:
+            raise MethodError(f"vision layer {layer} was not captured; list it in attn_layers()")
+        return _tower_layers(self.model)[layer].self_attn
+
+    def cls_attention(self, layer: int | None = None) -> torch.Tensor:
+        """(n, heads, N): softmax [CLS] row of ``layer`` (default: the feature layer) over all 1+N keys,
+        restricted to the patch columns, recomputed from that layer's ``q_proj``/``k_proj``."""
+        layer = self.feature_layer if layer is None else layer
+        attn, x = self._attn(layer), self.attn_inputs[layer]
+        n, t, _ = x.shape
+        hd = attn.head_dim
+        q = attn.q_proj(x[:, :1]).view(n, 1, -1, hd).transpose(1, 2)  # (n, H, 1, hd)
+        k = attn.k_proj(x).view(n, t, -1, hd).transpose(1, 2)  # (n, H, T, hd)
+        w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
+        return w[:, :, 0, 1:]
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """(n, heads, 1+N, head_dim): the keys of ``layer`` ([CLS] first)."""
+        attn, x = self._attn(layer), self.attn_inputs[layer]
+        n, t, _ = x.shape
+        return attn.k_proj(x).view(n, t, -1, attn.head_dim).transpose(1, 2)
+
+    def qk_full(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 1+N, C) un-split ``q_proj``/``k_proj`` outputs of ``layer`` (PruMerge's single-head view)."""
+        attn, x = self._attn(layer), self.attn_inputs[layer]
+        return attn.q_proj(x), attn.k_proj(x)
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """Run the multimodal projector on vision-space tokens (n, m, C) -> (n, m, D)."""
+        return self._project(feats)
+
+    def gather(self, tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(n, m, X) rows ``index`` (n, m) of ``tokens`` (n, N, X)."""
+        return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Shared selection helpers
+# --------------------------------------------------------------------------------------------
+def topk_sorted(score: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, k) indices of the ``k`` largest scores of each row, in ascending (spatial) order."""
+    if k <= 0:
+        return score.new_zeros(score.shape[0], 0, dtype=torch.long)
+    idx = score.float().argsort(dim=-1, descending=True, stable=True)[:, :k]
+    return idx.sort(dim=-1).values
+
+
+def complement(index: torch.Tensor, n: int) -> torch.Tensor:
+    """(rows, n - m) ascending indices not in ``index`` (rows, m)."""
+    keep = torch.ones(index.shape[0], n, dtype=torch.bool, device=index.device)
+    keep.scatter_(1, index, False)
+    return torch.stack([row.nonzero().squeeze(-1) for row in keep]) if n - index.shape[1] > 0 else \
+        index.new_zeros(index.shape[0], 0)
+
+
+def evenly_spaced(candidates: torch.Tensor, m: int) -> torch.Tensor:
+    """``m`` evenly spaced entries of a 1-D ``candidates`` (uniform spatial sampling)."""
+    if m <= 0:
+        return candidates[:0]
+    pos = torch.linspace(0, len(candidates) - 1, m).round().long()
+    return candidates[pos]
+
+
+def iqr_outliers(score: torch.Tensor) -> torch.Tensor:
+    """1-D bool: entries above Q3 + 1.5 IQR (PruMerge / TRIM adaptive rule, numpy linear percentiles)."""
+    s = score.float()
+    q1, q3 = torch.quantile(s, 0.25), torch.quantile(s, 0.75)
+    return s > q3 + 1.5 * (q3 - q1)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt shortening
+# --------------------------------------------------------------------------------------------
+def shorten_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int,
+                   per_image: int, k: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each run of ``per_image`` ``image_token``s becomes ``k`` of them; padding side is preserved."""
+    B, T = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    right = bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any())
+    rows = []
+    for b in range(B):
+        ids = input_ids[b][mask[b].bool()]
+        is_img = ids == image_token
+        n_img = int(is_img.sum())
+        if n_img % per_image:
+            raise MethodError(f"sample {b}: {n_img} image placeholders is not a multiple of {per_image} per image")
+        out, run = [], 0
+        for tok, img in zip(ids.tolist(), is_img.tolist(), strict=True):
+            if img:
+                if run % per_image < k:
+                    out.append(tok)
+                run += 1
+            else:
+                out.append(tok)
+        rows.append(out)
+    L = max(len(r) for r in rows)
+    new_ids = input_ids.new_full((B, L), pad_id)
+    new_mask = mask.new_zeros((B, L))
+    for b, r in enumerate(rows):
+        sl = slice(0, len(r)) if right else slice(L - len(r), L)
+        new_ids[b, sl] = torch.tensor(r, dtype=input_ids.dtype)
+        new_mask[b, sl] = 1
+    return new_ids, new_mask
+
+
+# --------------------------------------------------------------------------------------------
+# The method base
+# --------------------------------------------------------------------------------------------
+class ReducerMethod(Method):
+    """A pre-LLM reducer; subclasses implement ``select`` (indices) or ``reduce`` (tokens)."""
+
+    kind: ClassVar[str] = "pre_llm"
+    knob: ClassVar[str] = "keep"
+    needs_text: ClassVar[bool] = False
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        self._texts: list[Any] | None = None  # per sample, from prepare_inputs (text-guided methods)
+        self.last_selection: torch.Tensor | None = None  # (n, k) kept patch indices of the last call
+
+    # --- what to capture ---------------------------------------------------------------------
+    def attn_layers(self, model: nn.Module) -> list[int]:
+        """Vision-tower layers whose attention input the method reads (default: the feature layer)."""
+        return [feature_layer_index(model)]
+
+    # --- the algorithm -----------------------------------------------------------------------
+    def select(self, ctx: VisionContext, k: int) -> torch.Tensor:
+        """(n, k) patch indices to keep (ascending); the projected tokens at them go to the LLM."""
+        raise NotImplementedError
+
+    def reduce(self, ctx: VisionContext, k: int) -> torch.Tensor:
+        """(n, k, D) tokens for the LLM; default: the projected tokens at ``select``'s indices."""
+        idx = self.select(ctx, k)
+        self.last_selection = idx
+        return ctx.gather(ctx.projected, idx)
+
+    # --- budget ------------------------------------------------------------------------------
+    def schedule(self, groups: Mapping[str, int], num_layers: int, knob: Any) -> list[dict[str, int]]:
+        k = min(int(knob), int(groups.get(VISION, 0)))
+        return uniform_schedule({**groups, VISION: k}, num_layers, {})
+
+    def flops(self, text_config: Any, groups: Mapping[str, int], knob: Any, convention: str = "dop") -> float:
+        # count_flops needs the dense groups next to the schedule (base.Method.flops omits them)
+        from dop.baselines.base import _text
+        from dop.flops import count_flops
+
+        num_layers = int(_text(text_config).num_hidden_layers)
+        return count_flops(text_config, groups, schedule=self.schedule(groups, num_layers, knob),
+                           convention=convention)
+
+    # --- running -----------------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        check_reducible(model, self.name)
+
+    def encode_text(self, texts: Sequence[str]) -> list[Any]:
+        raise NotImplementedError
+
+    def prepare_inputs(self, model: nn.Module, inputs: Mapping[str, Any], knob: Any) -> Mapping[str, Any]:
+        self.check_model(model)
+        out = dict(inputs)
+        instruction = out.pop("instruction", None)
+        if self.needs_text:
+            if instruction is None:
+                raise MethodError(f"method {self.name!r} is text-guided: pass inputs['instruction'] "
+                                  "(one question string per sample)")
+            if isinstance(instruction, str):
+                instruction = [instruction]
+            self._texts = self.encode_text(list(instruction))
+        if "inputs_embeds" in out:
+            raise MethodError(f"method {self.name!r}: pass input_ids, not inputs_embeds")
+        n = tokens_per_image(model)
+        k = min(int(knob), n)
+        pad = model.config.text_config.pad_token_id
+        out["input_ids"], out["attention_mask"] = shorten_prompt(
+            out["input_ids"], out.get("attention_mask"), model.config.image_token_id, n, k,
+            pad_id=0 if pad is None else int(pad))
+        return out
+
+    @contextmanager
+    def apply(self, model: nn.Module, knob: Any) -> Iterator[Any]:
+        self.check_model(model)
+        n_patch = tokens_per_image(model)
+        k = min(int(knob), n_patch)
+        layers = _tower_layers(model)
+        cap: dict[str, Any] = {"attn": {}, "cls": None, "samples": None}
+        state = {"inner": False}
+        handles = []
+
+        def grab_attn_input(idx):
+            def hook(module, args, kwargs):
+                cap["attn"][idx] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            return hook
+
+        for i in sorted(set(self.attn_layers(model))):
+            handles.append(layers[i].self_attn.register_forward_pre_hook(grab_attn_input(i), with_kwargs=True))
+
+        def grab_feature(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            cap["cls"] = h[:, 0]
+
+        handles.append(layers[feature_layer_index(model)].register_forward_hook(grab_feature))
+
+        def check_prompt(module, args, kwargs):
+            ids, pix = kwargs.get("input_ids"), kwargs.get("pixel_values")
+            if ids is None or pix is None:
+                return
+            per_sample = (ids == model.config.image_token_id).sum(1)
+            n_img = int(pix.shape[0])
+            if int(per_sample.sum()) != n_img * k:
+                raise MethodError(f"method {self.name!r} at keep={k}: the prompt has {int(per_sample.sum())} image "
+                                  f"placeholders for {n_img} image(s); run inputs through "
+                                  "method.prepare_inputs(model, inputs, keep) first")
+            cap["samples"] = torch.repeat_interleave(torch.arange(len(ids)), (per_sample // max(k, 1)).cpu()) \
+                if k else None
+
+        handles.append(model.model.register_forward_pre_hook(check_prompt, with_kwargs=True))
+        projector = model.model.multi_modal_projector
+
+        def project(feats):
+            state["inner"] = True
+            try:
+                return projector(feats)
+            finally:
+                state["inner"] = False
+
+        def replace_output(module, args, output):
+            if state["inner"]:
+                return None
+            feats = args[0]
+            if feats.shape[1] != n_patch:
+                raise MethodError(f"projector input has {feats.shape[1]} rows per image, expected {n_patch}")
+            if k >= n_patch:
+                return None
+            texts = None
+            if self.needs_text:
+                if self._texts is None or cap["samples"] is None:
+                    raise MethodError(f"method {self.name!r}: no instruction encoded; call prepare_inputs first")
+                texts = [self._texts[int(s)] for s in cap["samples"]]
+            ctx = VisionContext(model=model, features=feats, projected=output, cls_hidden=cap["cls"],
+                                attn_inputs=dict(cap["attn"]), texts=texts, _project=project)
+            if k == 0:
+                return output[:, :0]
+            with torch.no_grad():
+                new = self.reduce(ctx, k)
+            if tuple(new.shape) != (output.shape[0], k, output.shape[2]):
+                raise MethodError(f"method {self.name!r} returned {tuple(new.shape)}, expected "
+                                  f"{(output.shape[0], k, output.shape[2])}")
+            return new.to(output.dtype)
+
+        handles.append(projector.register_forward_hook(replace_output))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP text tower (TRIM, CDPruner): LLaVA has none, so it is an explicit hyper-parameter
+# --------------------------------------------------------------------------------------------
+class TextGuidedReducer(ReducerMethod):
+    """A reducer scoring patches against the instruction with a CLIP dual encoder.
+
+    ``text_tower``: a path/hub id of a CLIP checkpoint (loaded as ``CLIPModel``: text model,
+    ``text_projection`` and the ``visual_projection`` that maps the tower's patch features into the
+    joint space; for LLaVA-1.5 ``openai/clip-vit-large-patch14-336``) or a ``CLIPModel`` instance.
+    ``text_tokenizer``: its tokenizer (default: loaded from ``text_tower`` when that is a path).
+    The instruction comes from ``inputs["instruction"]`` (one string per sample) in ``prepare_inputs``.
+    """
+
+    needs_text: ClassVar[bool] = True
+    text_segments: ClassVar[bool] = False  # split long instructions into max-length segments (CDPruner)
+
+    def _tower(self):
+        if getattr(self, "_clip", None) is None:
+            spec, tok = self.hparams.get("text_tower"), self.hparams.get("text_tokenizer")
+            if isinstance(spec, str):
+                from transformers import AutoTokenizer, CLIPModel
+
+                clip = CLIPModel.from_pretrained(spec).eval()
+                tok = AutoTokenizer.from_pretrained(tok if isinstance(tok, str) else spec) if not callable(tok) else tok
+            else:
+                clip = spec
+                if isinstance(tok, str):
+                    from transformers import AutoTokenizer
+
+                    tok = AutoTokenizer.from_pretrained(tok)
+            self._clip, self._clip_tok = clip, tok
+        return self._clip, self._clip_tok
+
+    def check_model(self, model: nn.Module) -> None:
+        if self.hparams.get("text_tower") is None:
+            raise MethodError(
+                f"method {self.name!r} needs a CLIP text tower to score patches against the instruction, and "
+                f"{type(model).__name__} has none (LLaVA keeps only the CLIP vision tower). Set the hyper-parameter "
+                f"text_tower=<path or hub id of the CLIP checkpoint of the vision tower, e.g. "
+                f"openai/clip-vit-large-patch14-336> (loaded as CLIPModel).")
+        check_reducible(model, self.name)
+        clip, tok = self._tower()
+        if tok is None:
+            raise MethodError(f"method {self.name!r}: set text_tokenizer (a CLIP tokenizer or its path)")
+        width = model.config.vision_config.hidden_size
+        if clip.visual_projection.in_features != width:
+            raise MethodError(f"method {self.name!r}: text_tower's visual_projection expects width "
+                              f"{clip.visual_projection.in_features}, the vision tower gives {width}")
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """Per text: (segments, P) L2-normalised CLIP text embeddings."""
+        clip, tok = self._tower()
+        max_len = int(clip.config.text_config.max_position_embeddings)
+        out = []
+        for text in texts:
+            ids = tok(text, truncation=not self.text_segments, max_length=max_len)["input_ids"]
+            if self.text_segments and len(ids) > max_len:  # bos + content chunks + eos
+                bos, body, eos = ids[:1], ids[1:-1], ids[-1:]
+                step = max_len - 2
+                chunks = [bos + body[i:i + step] + eos for i in range(0, len(body), step)]
+            else:
+                chunks = [ids]
+            L = max(len(c) for c in chunks)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            input_ids = torch.tensor([c + [pad] * (L - len(c)) for c in chunks])
+            mask = torch.tensor([[1] * len(c) + [0] * (L - len(c)) for c in chunks])
+            pooled = clip.text_model(input_ids=input_ids, attention_mask=mask).pooler_output
+            emb = clip.text_projection(pooled)
+            out.append(emb / emb.norm(dim=-1, keepdim=True))
+        return out
+
+    @torch.no_grad()
+    def patch_embeds(self, ctx: VisionContext) -> torch.Tensor:
+        """(n, N, P) L2-normalised patch features in CLIP's joint space (post_layernorm + visual_projection)."""
+        clip, _ = self._tower()
+        tower = ctx.model.model.vision_tower
+        ln = getattr(tower, "vision_model", tower).post_layernorm
+        x = clip.visual_projection(ln(ctx.features))
+        return x / x.norm(dim=-1, keepdim=True)
