@@ -1,0 +1,135 @@
+"""SparseVLM (Zhang et al., ICML'25, ``Gumpest/SparseVLMs``), v1.5 fixed-count schedules.
+
+1. Text raters, once per prefill on the decoder's input embeddings (as the v1 code does on
+   ``inputs_embeds``): per sample, ``m = softmax_text(V T^T).mean(over V)`` with V the visual rows and
+   T the instruction rows (everything after the image); raters are the rows with ``m > mean(m)``.
+2. At each pruning layer ``l`` (``[2, 6, 15]`` of 32, scaled to depth like PyramidDrop), the raters'
+   attention of layer ``l`` (recomputed from its q/k on its input), head-mean, then mean over
+   raters, scores the visual rows still present; the top ``count_s`` stay. As in the v1 code the
+   pruning layer itself runs on all rows and its *outputs* are pruned: rows leave from ``l + 1``.
+3. Counts per stage are the v1.5 schedules per budget (``schedules``, 576 visual tokens), scaled by
+   ``n_img / reference_tokens`` per sample on other models and rounded.
+
+Not implemented: v1's token recycling (top-30% of the dropped rows merged into density-peak
+clusters and re-inserted), v1's rank-adaptive counts, v2.0's RoPE de-biasing and head selection.
+The engine removes rows but does not insert new ones, so recycling would need an engine extension.
+Kept rows keep their original positions (v1/v1.5 truncate position ids).
+
+Knob: the budget name of a published schedule (192, 128, 96 or 64 layer-averaged visual tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from dop.baselines.base import Method, MethodError, topk_rows, uniform_schedule
+from dop.baselines.fastv import last_rows, num_layers_of
+from dop.baselines.pyramiddrop import scale_layers
+from dop.ops import INSTRUCTION, VISION
+
+
+def text_raters(hidden: torch.Tensor, vision: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: per sample, the text rows most relevant to its visual rows (SparseVLM step 1)."""
+    raters = torch.zeros_like(text)
+    for b in range(hidden.shape[0]):
+        v, t = hidden[b, vision[b]].float(), hidden[b, text[b]].float()
+        if len(v) == 0 or len(t) == 0:
+            continue
+        m = (v @ t.T).softmax(dim=1).mean(dim=0)
+        idx = text[b].nonzero()[:, 0]
+        raters[b, idx[m > m.mean()]] = True
+        if not raters[b].any():  # all equal: every text row rates
+            raters[b, idx] = True
+    return raters
+
+
+def rater_scores(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B, heads, Q, T) attention of padded rater queries -> (B, T) mean over heads and the true raters
+    (``weight`` (B, Q): 1 for a rater, 0 for a padding query)."""
+    weight = weight.float()
+    per_q = probs.float().mean(dim=1)  # (B, Q, T)
+    return (per_q * weight[..., None]).sum(1) / weight.sum(1).clamp(min=1)[:, None]
+
+
+def _query_index(raters: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Q) rater rows padded with each sample's last row, and (B, Q) 1/0 weights (0 = padding)."""
+    rows = [r.nonzero()[:, 0] for r in raters]
+    Q = max(1, max(len(r) for r in rows))
+    last = last_rows(valid)[:, 0]
+    index = torch.stack([torch.cat([r, last[b].repeat(Q - len(r))]) for b, r in enumerate(rows)])
+    weight = torch.stack([torch.arange(Q) < len(r) for r in rows]).to(valid.device)
+    return index, weight
+
+
+class _SparseVLMSelector:
+    def __init__(self, stages: list[tuple[int, int]], reference_tokens: int) -> None:
+        self.stages, self.ref = dict(stages), reference_tokens
+        self.raters = self.n_img = None
+
+    def before_layer(self, ctx) -> None:
+        if ctx.layer_idx == 0:
+            vision = ctx.groups[VISION]
+            self.n_img = vision.sum(dim=1)
+            self.raters = text_raters(ctx.hidden, vision, ctx.groups[INSTRUCTION])
+        count = self.stages.get(ctx.layer_idx)
+        if count is None:
+            return
+        allowed = ctx.groups[VISION] & ctx.keep("kv")
+        instruction = ctx.groups[INSTRUCTION]
+        raters = torch.where(self.raters.any(dim=1, keepdim=True), self.raters, instruction)  # per sample
+        qi, weight = _query_index(raters, ctx.valid)
+        score = rater_scores(ctx.attention_probs(qi), weight)
+        counts = [scaled_count(count, int(n), self.ref) for n in self.n_img.tolist()]
+        ctx.drop(allowed & ~topk_rows(score, allowed, counts), from_layer=ctx.layer_idx + 1)
+
+
+def scaled_count(count: int, n_img: int, reference_tokens: int) -> int:
+    return min(n_img, int(round(count * n_img / reference_tokens)))
+
+
+class SparseVLM(Method):
+    name = "sparsevlm"
+    knob = "budget"  # which published schedule
+    paper_convention = "fastv"
+    defaults = {"version": "1.5", "pruning_layers": [2, 6, 15], "reference_layers": 32, "reference_tokens": 576,
+                "schedules": {192: [300, 200, 110], 128: [303, 110, 36], 96: [238, 48, 26], 64: [66, 30, 17]}}
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        if str(self.hparams["version"]) != "1.5":
+            raise MethodError("sparsevlm: only version 1.5 (fixed schedules) is implemented, "
+                              f"got {self.hparams['version']!r}")
+        layers = list(self.hparams["pruning_layers"])
+        bad = any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers)
+        if bad or layers != sorted(set(layers)):
+            raise MethodError(f"sparsevlm: pruning_layers must be strictly increasing ints >= 0, got {layers}")
+        self.schedules = {int(k): [int(c) for c in v] for k, v in dict(self.hparams["schedules"]).items()}
+        for k, counts in self.schedules.items():
+            if len(counts) != len(layers) or any(c < 0 for c in counts) or counts != sorted(counts, reverse=True):
+                raise MethodError(f"sparsevlm: schedule {k} {counts} must have one non-increasing count >= 0 "
+                                  f"per pruning layer {layers}")
+        self.layers = layers
+
+    def knob_values(self, groups: Mapping[str, int], num_layers: int) -> list[Any]:
+        return sorted(self.schedules, reverse=True)
+
+    def stages(self, num_layers: int, knob: Any) -> list[tuple[int, int]]:
+        """``[(layer whose outputs are pruned, visual tokens kept at 576), ...]``."""
+        if knob not in self.schedules:
+            raise MethodError(f"sparsevlm: no schedule for budget {knob!r}; known: {sorted(self.schedules)}")
+        layers = scale_layers(self.layers, self.hparams["reference_layers"], num_layers, low=0, method=self.name)
+        if layers[-1] + 1 >= num_layers:
+            raise MethodError(f"sparsevlm: pruning layers {layers} leave no layer to prune on {num_layers} layers")
+        return list(zip(layers, self.schedules[knob]))
+
+    def schedule(self, groups: Mapping[str, int], num_layers: int, knob: Any) -> list[dict[str, int]]:
+        n, ref = int(groups.get(VISION, 0)), self.hparams["reference_tokens"]
+        changes = {layer + 1: {VISION: scaled_count(c, n, ref)} for layer, c in self.stages(num_layers, knob)}
+        return uniform_schedule(groups, num_layers, changes)
+
+    def selectors(self, model: nn.Module, knob: Any) -> list[Any]:
+        return [_SparseVLMSelector(self.stages(num_layers_of(model), knob), self.hparams["reference_tokens"])]
