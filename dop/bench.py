@@ -4,6 +4,12 @@ On a CPU it runs a real-width decoder slice (LLaMA-7B width, a few layers, rando
 LLaVA-1.5 prompt shape of 35 + 576 + 100 tokens); on a GPU the same slice or a full model. It prints,
 per policy, the FLOPs reduction, the latency reduction and their ratio (1.0 = latency falls as
 fast as FLOPs). ``dop stage=bench`` and ``scripts/bench_engine.py`` call :func:`run_bench`.
+
+Baselines run beside the policies at one budget, each at the knob budget matching gives it
+(``dop.baselines.budget``; hyper-parameters from ``conf/method/<name>.yaml``)::
+
+    dop stage=bench bench.methods=[fastv,pdrop,visionzip] bench.budget=tokens:128 num_threads=1
+    dop stage=bench bench.methods=all            # every registered method, at cfg.budget's first value
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +40,7 @@ class BenchRow:
     latency_s: float  # median prefill latency (whole model: vision tower, decoder, last-position head)
     latency_reduction: float
     ratio: float  # latency_reduction / flops_reduction
+    knob: Any = None  # a baseline's matched knob (None for policies)
 
 
 def build_slice(
@@ -114,9 +123,13 @@ def run_bench(
     policies: dict[str, Policy | None] | None = None,
     repeats: int = 3,
     warmup: int = 1,
+    methods: Mapping[str, tuple[Any, Any]] | None = None,
+    skipped: dict[str, str] | None = None,
     **slice_kwargs,
 ) -> list[BenchRow]:
-    """Time every policy (interleaved rounds, so drift hits all alike) and compare with FLOPs."""
+    """Time every policy and every baseline ``methods[name] = (Method, knob)`` (interleaved rounds,
+    so drift hits all alike) and compare with FLOPs. A method that fails its warm-up is left out
+    and its error goes to ``skipped`` (when given)."""
     from dop.flops import count_flops
 
     if model is None:
@@ -135,12 +148,32 @@ def run_bench(
                         model(**inputs, logits_to_keep=1)
         return go
 
-    samples: dict[str, list[float]] = {name: [] for name in policies}
-    for policy in policies.values():  # warm-up each path once
-        _time(call(policy), repeats=0, warmup=warmup)
+    def call_method(method, knob):
+        def go():  # the method's input reduction is part of its prefill cost
+            with torch.inference_mode():
+                prepared = method.prepare_inputs(model, inputs, knob)
+                with method.apply(model, knob):
+                    model(**prepared, logits_to_keep=1)
+        return go
+
+    calls = {name: call(policy) for name, policy in policies.items()}
+    for name, (method, knob) in (methods or {}).items():
+        fn = call_method(method, knob)
+        try:
+            _time(fn, repeats=0, warmup=1)
+        except Exception as err:  # one method's failure must not lose the others' timings
+            log.warning("bench: %s failed at knob %s: %s", name, knob, err)
+            if skipped is not None:
+                skipped[name] = f"{type(err).__name__}: {err}"
+            continue
+        calls[name] = fn
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for name, fn in calls.items():  # warm-up each path once
+        if name in policies:
+            _time(fn, repeats=0, warmup=warmup)
     for _ in range(repeats):
-        for name, policy in policies.items():
-            samples[name].append(_time(call(policy), repeats=1, warmup=0))
+        for name, fn in calls.items():
+            samples[name].append(_time(fn, repeats=1, warmup=0))
     dense_flops = count_flops(text_config, groups=groups, policy=Policy(), convention="dop")
     base = statistics.median(samples["stock"]) if "stock" in samples else None
     rows = []
@@ -150,6 +183,18 @@ def run_bench(
         f_red = 1 - flops / dense_flops
         l_red = 1 - latency / base if base else float("nan")
         rows.append(BenchRow(name, flops, f_red, latency, l_red, l_red / f_red if f_red > 0 else float("nan")))
+    if methods:
+        from dop.baselines.budget import method_flops
+
+        for name, (method, knob) in methods.items():
+            if name not in samples:
+                continue
+            flops = method_flops(method, text_config, groups, knob)
+            latency = statistics.median(samples[name])
+            f_red = 1 - flops / dense_flops
+            l_red = 1 - latency / base if base else float("nan")
+            rows.append(BenchRow(name, flops, f_red, latency, l_red,
+                                 l_red / f_red if f_red > 0 else float("nan"), knob=knob))
     return rows
 
 
@@ -158,7 +203,8 @@ def format_rows(rows: list[BenchRow]) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "-" if r.flops_reduction <= 0 else f"{r.ratio:.3f}"
-        lines.append(f"| {r.policy} | {r.flops / 1e12:.3f} | {100 * r.flops_reduction:.1f}% | {r.latency_s:.3f} | "
+        name = r.policy if r.knob is None else f"{r.policy} (knob {r.knob})"
+        lines.append(f"| {name} | {r.flops / 1e12:.3f} | {100 * r.flops_reduction:.1f}% | {r.latency_s:.3f} | "
                      f"{100 * r.latency_reduction:+.1f}% | {ratio} |")
     return "\n".join(lines)
 
@@ -173,11 +219,58 @@ def run(cfg) -> list[BenchRow]:
     device = bench.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, bench.pop("dtype", "float32"))
     repeats = int(bench.pop("repeats", 3))
-    rows = run_bench(repeats=repeats, device=device, dtype=dtype, **bench)
+    names = bench.pop("methods", None) or []
+    budget_spec = bench.pop("budget", None)
+    methods: dict[str, tuple[Any, Any]] = {}
+    skipped: dict[str, str] = {}
+    model = inputs = groups = None
+    budget = None
+    if names:
+        from dop.baselines import MethodError, known_methods
+        from dop.baselines.budget import match_budget
+        from dop.budget import parse_budgets
+
+        names = known_methods() if names in ("all", ["all"]) else [str(n) for n in names]
+        budget = parse_budgets(budget_spec if budget_spec is not None else cfg.get("budget"))[0]
+        model, inputs, groups = build_slice(device=device, dtype=dtype, **bench)
+        for name in names:
+            try:
+                method = method_from_config(name)
+                method.check_model(model)
+                methods[name] = (method, match_budget(method, model.config, groups, budget).knob)
+            except (MethodError, ImportError) as err:  # unknown names raise here too, listing the known ones
+                if name not in known_methods():
+                    raise
+                log.warning("bench: %s skipped: %s", name, err)
+                skipped[name] = str(err)
+    if model is not None:
+        rows = run_bench(model, inputs, groups, repeats=repeats, methods=methods, skipped=skipped)
+    else:
+        rows = run_bench(repeats=repeats, device=device, dtype=dtype, **bench)
     table = format_rows(rows)
-    print(f"engine benchmark ({device}, {torch.get_num_threads()} threads)\n{table}")
+    at = f", baselines at {budget.kind}={budget.value:g}" if budget is not None else ""
+    print(f"engine benchmark ({device}, {torch.get_num_threads()} threads{at})\n{table}")
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
     out = Path(cfg.paths.run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    (out / "bench.md").write_text(table + "\n")
+    (out / "bench.json").write_text(json.dumps([asdict(r) for r in rows], indent=2, default=str))
+    notes = [f"baselines at {budget.kind}={budget.value:g} (knob by dop.baselines.budget)"] if budget else []
+    notes += [f"skipped {name}: {why}" for name, why in skipped.items()]
+    (out / "bench.md").write_text(table + "\n" + "".join(f"\n{n}" for n in notes) + ("\n" if notes else ""))
     return rows
+
+
+def method_from_config(name: str):
+    """A registered method with the hyper-parameters of ``conf/method/<name>.yaml`` (defaults if absent)."""
+    from omegaconf import OmegaConf
+
+    from dop.baselines.budget import resolve_method
+    from dop.cli import CONF_DIR
+
+    path = Path(CONF_DIR) / "method" / f"{name}.yaml"
+    if path.is_file():
+        node = OmegaConf.load(path)
+        node.name = node.get("name", name)
+        return resolve_method(node)
+    return resolve_method(name)

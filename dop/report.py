@@ -7,6 +7,9 @@
 Rows are (method, budget), dense first; columns are benchmarks (each at its headline metric from
 ``conf/benchmark``), then ``Avg`` (mean over the row's benchmarks) and ``% dense`` (mean over
 benchmarks of value / dense value, the usual way pruning papers compare methods on mixed scales).
+When the store holds baselines (records with a matched knob, ``dop.baselines.budget``), the table
+also shows each row's prefill TFLOPs (dop convention), the method's knob and its FLOPs in its own
+paper's convention.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class Row:
     tflops: float | None = None
     avg: float | None = None
     pct_dense: float | None = None
+    knob: Any = None  # a baseline's matched knob
+    paper_tflops: float | None = None  # the baseline's FLOPs in its own paper's convention
+    paper_convention: str | None = None
 
     @property
     def budget_label(self) -> str:
@@ -47,9 +53,12 @@ class Table:
     benchmarks: list[str]
     rows: list[Row]
     multi_model: bool = False
+    baselines: bool = False  # show TFLOPs / Knob / Paper TFLOPs columns
 
     def header(self) -> list[str]:
-        return (["Model"] if self.multi_model else []) + ["Method", "Budget", *self.benchmarks, "Avg", "% dense"]
+        extra = ["TFLOPs", "Knob", "Paper TFLOPs"] if self.baselines else []
+        return (["Model"] if self.multi_model else []) + ["Method", "Budget", *extra, *self.benchmarks,
+                                                          "Avg", "% dense"]
 
 
 def _headline(benchmark: str, metrics: Mapping[str, str] | None) -> str | None:
@@ -93,6 +102,11 @@ def build_table(records: Iterable[Record], metrics: Mapping[str, str] | None = N
         row.values[r.benchmark] = float(r.value)
         if r.tflops is not None:
             row.tflops = float(r.tflops)
+        extra = r.extra or {}
+        if extra.get("knob") is not None:
+            row.knob = extra["knob"]
+            row.paper_tflops = extra.get("paper_tflops")
+            row.paper_convention = extra.get("paper_convention")
 
     dense = {row.model: row for row in rows.values() if row.method == "dense"}
     for row in rows.values():
@@ -110,7 +124,8 @@ def build_table(records: Iterable[Record], metrics: Mapping[str, str] | None = N
                 -(row.budget_value if row.budget_value is not None else math.inf))
 
     models = {row.model for row in rows.values()}
-    return Table(benchmarks, sorted(rows.values(), key=order), multi_model=len(models) > 1)
+    return Table(benchmarks, sorted(rows.values(), key=order), multi_model=len(models) > 1,
+                 baselines=any(row.knob is not None for row in rows.values()))
 
 
 def _fmt(x: float | None, digits: int) -> str:
@@ -123,6 +138,13 @@ def table_cells(table: Table, digits: int = 3, raw: bool = False) -> list[list[A
     for row in table.rows:
         cells: list[Any] = [row.model] if table.multi_model else []
         cells += [row.method, row.budget_label]
+        if table.baselines:
+            knob = "-" if row.knob is None else str(row.knob)
+            if raw:
+                cells += [row.tflops, row.knob, row.paper_tflops]
+            else:
+                paper = "-" if row.paper_tflops is None else f"{row.paper_tflops:.3f} ({row.paper_convention})"
+                cells += [_fmt(row.tflops, digits), knob, paper]
         for b in table.benchmarks:
             v = row.values.get(b)
             cells.append(v if raw else _fmt(v, digits))

@@ -23,17 +23,38 @@ from lmms_eval.api.model import lmms
 
 from dop.evaluation import scoring
 
-# The methods the plugin can apply. Baselines (issue 9) will add theirs here.
+# The plugin's own methods; every registered baseline (``dop.baselines.known_methods()``) is known too.
 KNOWN_METHODS: tuple[str, ...] = ("dense", "policy")
 
 # lmms-eval's prompt variants are chosen by model name; dop always asks for the same one.
 MODEL_NAME = "dop"
 
 
+def known_methods() -> list[str]:
+    """``dense``, ``policy`` and the registered baselines."""
+    from dop.baselines import known_methods as baselines
+
+    return [*KNOWN_METHODS, *baselines()]
+
+
 def _check_method(method: str) -> str:
-    if method not in KNOWN_METHODS:
-        raise ValueError(f"dop plugin: unknown method {method!r}; known methods: {', '.join(KNOWN_METHODS)}")
+    if method == "dop":  # the search's policies: the policy path
+        return "policy"
+    if method not in known_methods():
+        raise ValueError(f"dop plugin: unknown method {method!r}; known methods: {', '.join(known_methods())}")
     return method
+
+
+def _parse_knob(knob: Any) -> Any:
+    """A knob from model_args: numbers arrive parsed; a string may be YAML (``[2,10,20]``)."""
+    if not isinstance(knob, str):
+        return knob
+    import yaml
+
+    try:
+        return yaml.safe_load(knob)
+    except yaml.YAMLError:
+        return knob
 
 
 def load_model_and_processor(pretrained: str, *, dtype: str | None = None, attn_implementation: str = "sdpa",
@@ -68,15 +89,20 @@ class DopLMM(lmms):
     """An lmms-eval model wrapping a transformers MLLM, run dense or under a pruning policy.
 
     model_args: ``pretrained`` (a ``load_model`` name or path), ``policy`` (a policy YAML),
-    ``method`` (``dense`` | ``policy``; default: ``policy`` when a policy is given),
-    ``batch_size``, ``dtype``, ``attn_implementation``, ``device``.
+    ``method`` (``dense`` | ``policy`` | a baseline name from ``dop.baselines``; default: ``policy``
+    when a policy is given), ``knob`` (the baseline's knob value, e.g. kept tokens), or ``budget``
+    (``tokens:128``, ``ratio:0.3``, ``tflops:3.4``: the knob is matched to it on a sample prompt),
+    ``batch_size``, ``dtype``, ``attn_implementation``, ``device``. In-process, ``method`` may be a
+    ``dop.baselines.Method`` instance (hyper-parameters kept).
     """
 
     def __init__(
         self,
         pretrained: str = "tiny_llava",
         policy: str | None = None,
-        method: str | None = None,
+        method: Any = None,
+        knob: Any = None,
+        budget: str | None = None,
         batch_size: int | str | None = 1,
         dtype: str | None = None,
         attn_implementation: str = "sdpa",
@@ -94,29 +120,64 @@ class DopLMM(lmms):
             if unknown:
                 raise TypeError(f"dop plugin: unknown model_args {sorted(unknown)}")
         self.policy = load_policy(policy)
+        from dop.baselines import Method
+
+        # the baseline (a dop.baselines.Method) and its knob; None for dense / policy
+        self.baseline: Method | None = method if isinstance(method, Method) else None
+        if self.baseline is not None:
+            method = self.baseline.name
         method = method or ("policy" if self.policy is not None else "dense")
-        self.method = _check_method(method)
+        self.method = _check_method(str(method))
         if self.method == "policy" and self.policy is None:
             raise ValueError("dop plugin: method=policy needs policy=<policy.yaml>")
         if self.method == "dense" and self.policy is not None and len(self.policy):
             raise ValueError("dop plugin: method=dense with a non-identity policy; drop one of them")
+        is_baseline = self.method not in KNOWN_METHODS
+        if is_baseline and self.policy is not None:
+            raise ValueError(f"dop plugin: method={self.method} is a baseline; it takes knob= or budget=, not policy=")
+        if not is_baseline and (knob is not None or budget is not None):
+            raise ValueError(f"dop plugin: knob=/budget= are for baseline methods, not method={self.method}")
+        if is_baseline and self.baseline is None:
+            from dop.baselines import get_method
+
+            self.baseline = get_method(self.method)
+        if is_baseline and (knob is None) == (budget is None):
+            raise ValueError(f"dop plugin: method={self.method} needs exactly one of knob=<value> or "
+                             "budget=<kind>:<value> (e.g. budget=tokens:128)")
         if model is None:
             model, processor = load_model_and_processor(pretrained, dtype=dtype,
                                                         attn_implementation=attn_implementation,
                                                         device=device or "cpu")
         self.model = model.eval()
         self.processor = processor
+        self.knob = _parse_knob(knob)
+        self.match = None  # the budget match when budget= was given
+        if self.baseline is not None:
+            self.baseline.check_model(self.model)  # e.g. a CLIP text tower the model lacks: fail before running
+            if budget is not None:
+                self.match = self._match_budget(str(budget))
+                self.knob = self.match.knob
         self.pretrained = pretrained
         self.batch_size_per_gpu = int(batch_size) if batch_size not in (None, "auto") else 1
         # Wall time spent in model calls and the number of requests served (the stage records latency).
         self.stats: dict[str, float] = {"model_seconds": 0.0, "requests": 0}
 
     @classmethod
-    def from_model(cls, model: Any, processor: Any, policy: Any = None, method: str | None = None,
-                   batch_size: int = 1, name: str = "in-process") -> DopLMM:
+    def from_model(cls, model: Any, processor: Any, policy: Any = None, method: Any = None,
+                   batch_size: int = 1, name: str = "in-process", knob: Any = None) -> DopLMM:
         """Wrap an already loaded model (no second copy in memory)."""
-        return cls(pretrained=name, policy=policy, method=method, batch_size=batch_size,
+        return cls(pretrained=name, policy=policy, method=method, knob=knob, batch_size=batch_size,
                    model=model, processor=processor)
+
+    def _match_budget(self, spec: str):
+        """The knob for ``budget=<kind>:<value>`` on the stage's sample prompt (one image)."""
+        from dop.baselines.budget import match_budget
+        from dop.budget import parse_budgets
+        from dop.evaluation.stage import sample_inputs, token_groups
+
+        (budget,) = parse_budgets(spec)
+        groups = token_groups(self.model, sample_inputs(self.model, self.processor)["input_ids"])
+        return match_budget(self.baseline, self.model.config, groups, budget)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DopLMM:
@@ -178,7 +239,7 @@ class DopLMM(lmms):
                 t0 = time.perf_counter()
                 texts = scoring.generate_texts(self.model, self.processor, images, prompts,
                                                max_new_tokens=max_new_tokens, until=until,
-                                               policy=self.active_policy)
+                                               policy=self.active_policy, method=self.baseline, knob=self.knob)
                 self.stats["model_seconds"] += time.perf_counter() - t0
                 self.stats["requests"] += len(chunk)
                 for i, text in zip(chunk, texts):
@@ -209,7 +270,7 @@ class DopLMM(lmms):
                 continuations.append(str(continuation))
             t0 = time.perf_counter()
             scores = scoring.continuation_logprobs(self.model, self.processor, images, contexts, continuations,
-                                                   policy=self.active_policy)
+                                                   policy=self.active_policy, method=self.baseline, knob=self.knob)
             self.stats["model_seconds"] += time.perf_counter() - t0
             self.stats["requests"] += len(chunk)
             for i, (logprob, greedy) in zip(chunk, scores):

@@ -100,6 +100,25 @@ def pruned(model: Any, policy: Any) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def running(model: Any, policy: Any = None, method: Any = None, knob: Any = None) -> Iterator[None]:
+    """The model under a policy (``pruned``) or under a baseline ``method`` at ``knob`` (its ``apply``)."""
+    if method is None:
+        with pruned(model, policy):
+            yield
+        return
+    if policy is not None and len(policy):
+        raise ValueError("a policy and a baseline method cannot run together")
+    with method.apply(model, knob):
+        yield
+
+
+def prepare(model: Any, batch: Any, method: Any = None, knob: Any = None) -> Any:
+    """``method.prepare_inputs`` (pre-LLM methods shorten the prompt); the batch itself otherwise.
+    Called before entering ``running`` (the method's ``apply``), on every encoded batch."""
+    return batch if method is None else method.prepare_inputs(model, batch, knob)
+
+
 def cut_at_stops(text: str, until: Sequence[str]) -> str:
     """Truncate at the first stop string (lmms-eval's ``until``)."""
     for stop in until:
@@ -118,14 +137,22 @@ def generate_texts(
     max_new_tokens: int,
     until: Sequence[str] = (),
     policy: Any = None,
+    method: Any = None,
+    knob: Any = None,
 ) -> list[str]:
-    """Greedy continuations of one batch of prompts, cut at ``until``."""
+    """Greedy continuations of one batch of prompts, cut at ``until``.
+
+    ``method``/``knob``: a baseline (``dop.baselines``) instead of a policy; its ``prepare_inputs``
+    runs on the encoded batch and generation runs under its ``apply``.
+    """
     batch = encode(processor, images, prompts, model.device, model.dtype)
     tokenizer = getattr(processor, "tokenizer", processor)
-    with pruned(model, policy):
+    batch = prepare(model, batch, method, knob)
+    with running(model, policy, method, knob):
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
-    new = out[:, batch["input_ids"].shape[1]:]
+    # generate returns prompt + new tokens for input_ids, only the new ones for inputs_embeds
+    new = out[:, batch["input_ids"].shape[1]:] if "input_ids" in batch else out
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     return [cut_at_stops(t, until).strip() for t in texts]
 
@@ -139,6 +166,8 @@ def continuation_logprobs(
     continuations: Sequence[str],
     *,
     policy: Any = None,
+    method: Any = None,
+    knob: Any = None,
 ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation token | prefix), is_greedy) per request, batched with left padding.
 
@@ -157,9 +186,11 @@ def continuation_logprobs(
             n = len(tokenizer(text[len(ctx):], add_special_tokens=False)["input_ids"])
         n_cont.append(max(n, 1))
     batch = encode(processor, images, full, model.device, model.dtype)
-    with pruned(model, policy):
-        logits = model(**batch).logits.float()
     ids = batch["input_ids"]
+    # a pre-LLM method shortens the image span; the left-padded rows still end in the continuation
+    prepared = prepare(model, batch, method, knob)
+    with running(model, policy, method, knob):
+        logits = model(**prepared).logits.float()
     results = []
     for row, n in enumerate(n_cont):
         # With left padding every row ends at the last position: token t is predicted at t - 1.
@@ -182,10 +213,13 @@ def score_synthetic(
     split: str = "test",
     max_new_tokens: int = SYNTHETIC_GEN_KWARGS["max_new_tokens"],
     until: Sequence[str] = tuple(SYNTHETIC_GEN_KWARGS["until"]),
+    method: Any = None,
+    knob: Any = None,
 ) -> dict[str, Any]:
     """Exact-match accuracy of greedy answers on the synthetic set, without lmms-eval.
 
     ``dataset`` is a ``DatasetDict`` (``split`` is used), a ``Dataset``, or a ``save_to_disk`` path.
+    ``method``/``knob`` run a baseline instead of ``policy`` (as the plugin does).
     Returns ``{"accuracy", "n", "per_qtype": {qtype: accuracy}, "predictions": [...]}``.
     """
     if isinstance(dataset, str) or hasattr(dataset, "__fspath__"):
@@ -203,7 +237,7 @@ def score_synthetic(
         prompts = [build_prompt(processor, q) for q in rows["question"]]
         images = [[im] for im in rows["image"]]
         texts = generate_texts(model, processor, images, prompts, max_new_tokens=max_new_tokens,
-                               until=until, policy=policy)
+                               until=until, policy=policy, method=method, knob=knob)
         for text, answer, qtype in zip(texts, rows["answer"], rows["qtype"]):
             score = exact_match(text, answer)
             correct.append(score)

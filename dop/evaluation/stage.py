@@ -4,7 +4,11 @@
     dop stage=evaluate policy=outputs/runs/tiny_llava/search/policies/ratio_0.5.yaml
     dop stage=evaluate policy=<dir of policies> benchmark=paper13 model=llava15_7b
 
-For each policy (none = dense): prefill TFLOPs and equivalent tokens of one sample, a prefill latency,
+    dop stage=evaluate method=fastv budget=tokens budget.values=[192,128,64]   # a baseline, 3 budgets
+
+For each policy (none = dense), or each budget of a baseline (``method=<name>``; its knob is matched
+so its dop-convention prefill FLOPs are the largest not above the budget, ``dop.baselines.budget``;
+``check_model`` runs first): prefill TFLOPs and equivalent tokens of one sample, a prefill latency,
 then every benchmark in one ``simple_evaluate`` each (a fixed ``TaskManager(model_name="dop")`` so every
 method gets the same prompts). One ``Record`` per (benchmark, metric) goes to the results store;
 a failing benchmark is logged and the others still get their records. W&B mirrors the run.
@@ -48,6 +52,54 @@ def policy_specs(policy_arg: Any) -> list[dict[str, Any]]:
         kind, value = _budget_of(pol, f)
         specs.append({"policy": pol, "path": str(f), "budget_kind": kind, "budget_value": value})
     return specs
+
+
+# method names that mean "DOP's policies or dense" rather than a baseline from dop.baselines
+POLICY_METHODS: tuple[str, ...] = ("dop", "dense", "policy")
+
+
+def baseline_of(method_cfg: Any):
+    """The baseline ``Method`` that ``cfg.method`` selects, or None for dop/dense/policy.
+
+    ``method.name`` is the registry key (``dop.baselines``); the other keys are its hyper-parameters.
+    An unknown name raises ``MethodError`` listing the known methods.
+    """
+    if not method_cfg:
+        return None
+    name = str(method_cfg.get("name", "dop"))
+    if name in POLICY_METHODS:
+        return None
+    from dop.baselines.budget import resolve_method
+
+    return resolve_method(method_cfg)
+
+
+def baseline_specs(method: Any, model: Any, groups: dict[str, int], budget_cfg: Any) -> list[dict[str, Any]]:
+    """One spec per budget of ``cfg.budget``: the method's knob matched to it on the sample prompt.
+
+    Every budget is matched before anything is evaluated, so an unreachable one fails at once
+    (``MethodError`` naming the nearest reachable budget).
+    """
+    from dop.baselines.budget import match_budget
+    from dop.budget import parse_budgets
+
+    specs = []
+    for budget in parse_budgets(budget_cfg):
+        match = match_budget(method, model.config, groups, budget)
+        specs.append({"policy": None, "path": None, "budget_kind": budget.kind, "budget_value": budget.value,
+                      "method": method, "knob": match.knob, "match": match, "tag": budget.name})
+    return specs
+
+
+def baseline_hash(method: Any, knob: Any) -> str:
+    """The record's ``policy_hash`` for a baseline: its name, hyper-parameters and knob."""
+    blob = json.dumps({"method": method.name, "hparams": method.hparams, "knob": knob}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _knob_arg(knob: Any) -> str:
+    """A knob as lmms-eval ``model_args`` text (``knob=128``, ``knob=[2,0.9]``; the plugin reads YAML)."""
+    return str(knob) if isinstance(knob, (int, float, str)) else json.dumps(knob, separators=(",", ":"))
 
 
 def _budget_of(policy: Any, path: Path) -> tuple[str | None, float | None]:
@@ -126,17 +178,19 @@ def flops_of(model: Any, groups: dict[str, int], policy: Any) -> tuple[float | N
     return flops / 1e12, eq
 
 
-def prefill_latency(model: Any, inputs: Any, policy: Any, repeats: int = 3) -> float:
-    """Median wall time of one prefill forward (batch 1) under the policy, after one warm-up."""
-    from dop.evaluation.scoring import pruned
+def prefill_latency(model: Any, inputs: Any, policy: Any, repeats: int = 3, method: Any = None,
+                    knob: Any = None) -> float:
+    """Median wall time of one prefill forward (batch 1) under the policy (or a baseline ``method``
+    at ``knob``: its ``prepare_inputs`` is timed too), after one warm-up."""
+    from dop.evaluation.scoring import prepare, running
 
     times = []
-    with torch.inference_mode(), pruned(model, policy):
+    with torch.inference_mode(), running(model, policy, method, knob):
         for i in range(repeats + 1):
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model(**inputs)
+            model(**prepare(model, inputs, method, knob))
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             if i:
@@ -216,7 +270,11 @@ def run(cfg: Any) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.num_threads))
     benchmarks = resolve(cfg.benchmark)  # a missing API key fails here, before loading a model
     limit = cfg.benchmark.get("limit")
-    specs = policy_specs(cfg.get("policy"))
+    baseline = baseline_of(cfg.get("method"))  # an unknown method name fails here, listing the known ones
+    if baseline is not None and cfg.get("policy") not in (None, "", "none", "dense"):
+        raise ValueError(f"method={baseline.name} is a baseline: its knob comes from cfg.budget, not a policy "
+                         f"(drop policy=, or use method=dop)")
+    specs = policy_specs(cfg.get("policy")) if baseline is None else []
     run_dir = Path(cfg.paths.run_dir)
     store = ResultsStore(cfg.paths.results_dir)
     overwrite = bool(cfg.get("overwrite", False))
@@ -234,6 +292,18 @@ def run(cfg: Any) -> dict[str, Any]:
     groups = token_groups(model, inputs["input_ids"])
     num_layers = int(model.config.get_text_config().num_hidden_layers)
     method_name = str(cfg.get("method", {}).get("name", "dop")) if cfg.get("method") else "dop"
+    if baseline is not None:
+        baseline.check_model(model)  # e.g. a CLIP text tower the model lacks: say so before any evaluation
+        specs = baseline_specs(baseline, model, groups, cfg.get("budget"))
+        for spec in specs:
+            m = spec["match"]
+            log.info("%s at %s: %s=%s, %.4g TFLOPs (budget %.4g)%s", baseline.name, spec["tag"], m.knob_name,
+                     m.knob, m.tflops, m.budget_flops / 1e12,
+                     f", {m.paper_tflops:.4g} T in the {m.paper_convention} convention" if m.paper_flops else "")
+            if m.next_flops is None and m.flops < 0.99 * m.budget_flops:
+                log.warning("%s: budget %s exceeds the cost of every %s value; it runs at the most expensive "
+                            "one (%s=%s, %.4g TFLOPs)", baseline.name, spec["tag"], m.knob_name, m.knob_name,
+                            m.knob, m.tflops)
     batch_size = int(cfg.benchmark.get("batch_size") or cfg.get("eval_batch_size") or 8)
 
     summary: list[dict[str, Any]] = []
@@ -241,17 +311,30 @@ def run(cfg: Any) -> dict[str, Any]:
     with start_run(cfg, job_type="evaluate", run_dir=run_dir) as wb:
         for spec in specs:
             policy = spec["policy"]
-            method = "dense" if policy is None else method_name
+            base, knob, match = spec.get("method"), spec.get("knob"), spec.get("match")
+            method = base.name if base is not None else ("dense" if policy is None else method_name)
             if policy is not None:
                 policy.validate(num_layers)
                 log_policy_heatmap(wb, policy, num_layers, sorted(groups),
                                    path=run_dir / "policies" / f"{Path(spec['path']).stem}.png")
-            tflops, eq_tokens = flops_of(model, groups, policy)
-            prefill_s = prefill_latency(model, inputs, policy)
-            lm = DopLMM.from_model(model, processor, policy=policy, batch_size=batch_size, name=model_id)
+            if match is not None:
+                tflops, eq_tokens = match.tflops, match.equivalent_tokens
+            else:
+                tflops, eq_tokens = flops_of(model, groups, policy)
+            prefill_s = prefill_latency(model, inputs, policy, method=base, knob=knob)
+            lm = DopLMM.from_model(model, processor, policy=policy, method=base, knob=knob,
+                                   batch_size=batch_size, name=model_id)
+            method_extra: dict[str, Any] = {}
+            if base is not None:
+                method_extra = {**match.as_dict(), "hparams": dict(base.hparams),
+                                "model_args": f"pretrained={cfg.model.pretrained},method={base.name},"
+                                              f"knob={_knob_arg(match.as_dict()['knob'])}"}
+            if base is not None:
+                p_hash = baseline_hash(base, knob)
+            else:
+                p_hash = policy.digest() if policy is not None else None
             for bench in benchmarks:
-                cell = dict(model=model_id, method=method,
-                            policy_hash=policy.digest() if policy is not None else None,
+                cell = dict(model=model_id, method=method, policy_hash=p_hash,
                             budget_kind=spec["budget_kind"], budget_value=spec["budget_value"],
                             benchmark=bench.name)
                 if not overwrite and all(store.exists((*cell.values(), m)) for m in bench.recorded_metrics):
@@ -269,7 +352,8 @@ def run(cfg: Any) -> dict[str, Any]:
                         raise RuntimeError(f"no metric of {bench.recorded_metrics} in lmms-eval results "
                                            f"{sorted(results['results'])}")
                     samples = sum(v["effective"] for t, v in results.get("n-samples", {}).items() if t in bench.tasks)
-                    tag = f"{method}" + (f"_{Path(spec['path']).stem}" if spec["path"] else "")
+                    tag = f"{method}" + (f"_{Path(spec['path']).stem}" if spec["path"] else "") \
+                        + (f"_{spec['tag']}" if spec.get("tag") else "")
                     _write_samples(results, run_dir / "samples" / tag)
                     for metric, value in values.items():
                         rec = Record(**cell, metric=metric, value=value, model_revision=revision, tflops=tflops,
@@ -278,10 +362,12 @@ def run(cfg: Any) -> dict[str, Any]:
                                      versions=versions, git_sha=sha,
                                      task_config_hash=local_hash or _task_hash(results, bench.tasks),
                                      extra={"policy_path": spec["path"], "limit": limit, "tasks": list(bench.tasks),
-                                            "groups": groups, "batch_size": batch_size})
+                                            "groups": groups, "batch_size": batch_size, **method_extra})
                         path = store.append(rec)
                         summary.append({**cell, "metric": metric, "value": value, "tflops": tflops,
-                                        "samples": samples, "record": str(path)})
+                                        "samples": samples, "record": str(path),
+                                        "knob": method_extra.get("knob"),
+                                        "paper_tflops": method_extra.get("paper_tflops")})
                         log_metrics(wb, {f"eval/{bench.name}/{metric}/{tag}": value})
                 except Exception as err:  # one benchmark's failure must not lose the others' records
                     failures.append(f"{bench.name} ({method}): {err}")
@@ -298,7 +384,7 @@ def run(cfg: Any) -> dict[str, Any]:
         budget = "-" if s["budget_kind"] is None else f"{s['budget_kind']}={s['budget_value']:g}"
         tf = "-" if s["tflops"] is None else f"{s['tflops']:.4g}"
         print(f"{s['benchmark']:>16} {s['method']:>8} {budget:>12} {s['metric']:>22} = {s['value']:.4f} "
-              f"(n={s['samples']}, TFLOPs {tf})")
+              f"(n={s['samples']}, TFLOPs {tf}" + (f", knob {s['knob']}" if s.get("knob") is not None else "") + ")")
     for f in failures:
         print(f"FAILED {f}")
     if failures and bool(cfg.get("fail_on_error", True)):
