@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from dop.engine import prune
-from dop.flops import count_flops
+from dop.flops import count_flops, text_shape
 from dop.ops import VISION
 
 
@@ -51,7 +51,7 @@ class Method:
         raise NotImplementedError
 
     def flops(self, text_config: Any, groups: Mapping[str, int], knob: Any, convention: str = "dop") -> float:
-        num_layers = int(_text(text_config).num_hidden_layers)
+        num_layers = text_shape(text_config).num_layers  # configs or plain dicts
         return count_flops(text_config, groups=groups, schedule=self.schedule(groups, num_layers, knob),
                            convention=convention)
 

@@ -257,15 +257,6 @@ class ReducerMethod(Method):
         k = min(int(knob), int(groups.get(VISION, 0)))
         return uniform_schedule({**groups, VISION: k}, num_layers, {})
 
-    def flops(self, text_config: Any, groups: Mapping[str, int], knob: Any, convention: str = "dop") -> float:
-        # count_flops needs the dense groups next to the schedule (base.Method.flops omits them)
-        from dop.baselines.base import _text
-        from dop.flops import count_flops
-
-        num_layers = int(_text(text_config).num_hidden_layers)
-        return count_flops(text_config, groups, schedule=self.schedule(groups, num_layers, knob),
-                           convention=convention)
-
     # --- running -----------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
         check_reducible(model, self.name)
