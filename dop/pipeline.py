@@ -13,6 +13,7 @@ W&B gets one run for the whole job. A run directory made by another configuratio
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -101,18 +102,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         t = time.perf_counter()
         print("[dop] 2/4 evaluate dense")
-        dense = evaluate(_with(cfg, policy=None, **{"paths.run_dir": str(run_dir / "evaluate" / "dense")}))
+        evaluate(_with(cfg, policy=None, **{"paths.run_dir": str(run_dir / "evaluate" / "dense")}))
         print("[dop] 3/4 evaluate the found policies")
-        pruned = evaluate(_with(cfg, policy=str(run_dir / "policies"),
+        evaluate(_with(cfg, policy=str(run_dir / "policies"),
                                 **{"paths.run_dir": str(run_dir / "evaluate" / "policies")}))
         timings["evaluate_s"] = time.perf_counter() - t
 
         print("[dop] 4/4 report")
-        records = dense["records"] + pruned["records"]
-        hashes = sorted({r["policy_hash"] for r in records if r["policy_hash"]})
-        benchmarks = sorted({r["benchmark"] for r in records})
-        report_cfg = _with(cfg, report_filter={"model": str(cfg.model.name), "benchmark": benchmarks,
-                                               "policy_hash": [None, *hashes]},
+        # This run's cells, read back from the store: cells skipped as already done count too.
+        records = run_records(cfg, run_dir)
+        report_cfg = _with(cfg, report_filter={"model": str(cfg.model.name),
+                                               "benchmark": sorted({r["benchmark"] for r in records}),
+                                               "policy_hash": sorted({r["policy_hash"] for r in records},
+                                                                     key=str)},
                            **{"paths.run_dir": str(run_dir / "report")})
         paths = report(report_cfg)
         timings["total_s"] = time.perf_counter() - started
@@ -130,6 +132,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print(f"  results:   {cfg.paths.results_dir}")
     print(f"  took {timings['total_s']:.0f} s")
     return {"search": found, "records": records, "report": paths, "timings": timings}
+
+
+def run_records(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
+    """The newest store records of this run: dense and the policies in ``<run>/policies``."""
+    from dop.evaluation.benchmarks import resolve
+    from dop.policy import Policy
+    from dop.results import ResultsStore
+
+    hashes = {None} | {Policy.from_yaml(p).digest() for p in sorted((run_dir / "policies").glob("*.yaml"))}
+    benchmarks = {b.name for b in resolve(cfg.benchmark, check=False)}
+    model = str(cfg.model.name)
+    latest = ResultsStore(cfg.paths.results_dir).latest().values()
+    return [dataclasses.asdict(r) for r in latest
+            if r.model == model and r.benchmark in benchmarks and r.policy_hash in hashes
+            and (r.policy_hash is not None or r.method == "dense")]
 
 
 def _ensure_data(cfg: DictConfig) -> None:

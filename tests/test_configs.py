@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from dop.cli import CONF_DIR
 
-SKIP_GROUPS = {"local", "hydra"}  # local: git-ignored user settings
+SKIP_GROUPS = {"local", "hydra", "experiment", "launcher"}  # local: git-ignored; the others: test_experiments.py
 
 
 def _options():

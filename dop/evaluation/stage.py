@@ -261,6 +261,27 @@ def _task_hash(results: dict[str, Any], tasks: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def eval_signature(cfg: Any, bench: Benchmark, limit: Any) -> str:
+    """What a cell's value depends on besides its key: the benchmark config, the sample limit and,
+    for the local synthetic task, the data it is generated from. A stored record is reused only
+    when its signature matches, so a changed test split is never answered by a stale record."""
+    from omegaconf import OmegaConf
+
+    def plain(x: Any) -> Any:
+        return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
+
+    data = plain(cfg.get("data")) if bench.dataset_path else None
+    doc = {"tasks": list(bench.tasks), "limit": limit, "data": data}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _done(store: ResultsStore, cell: dict[str, Any], metrics: Any, signature: str) -> bool:
+    for metric in metrics:
+        if not any(r.extra.get("eval_signature") == signature for r in store.records(**cell, metric=metric)):
+            return False
+    return True
+
+
 # --- the stage -----------------------------------------------------------------------------------
 def run(cfg: Any) -> dict[str, Any]:
     from dop.evaluation.plugin import DopLMM, load_model_and_processor
@@ -337,7 +358,8 @@ def run(cfg: Any) -> dict[str, Any]:
                 cell = dict(model=model_id, method=method, policy_hash=p_hash,
                             budget_kind=spec["budget_kind"], budget_value=spec["budget_value"],
                             benchmark=bench.name)
-                if not overwrite and all(store.exists((*cell.values(), m)) for m in bench.recorded_metrics):
+                signature = eval_signature(cfg, bench, limit if limit is not None else bench.limit)
+                if not overwrite and _done(store, cell, bench.recorded_metrics, signature):
                     log.info("skip %s / %s: already in the store", bench.name, method)
                     continue
                 try:
@@ -362,6 +384,7 @@ def run(cfg: Any) -> dict[str, Any]:
                                      versions=versions, git_sha=sha,
                                      task_config_hash=local_hash or _task_hash(results, bench.tasks),
                                      extra={"policy_path": spec["path"], "limit": limit, "tasks": list(bench.tasks),
+                                            "eval_signature": signature,
                                             "groups": groups, "batch_size": batch_size, **method_extra})
                         path = store.append(rec)
                         summary.append({**cell, "metric": metric, "value": value, "tflops": tflops,
