@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,11 +83,13 @@ class TinyArch:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 5000
+    steps: int = 6000
     stage1_steps: int = 800
     batch_size: int = 32
     caption_mix: float = 0.3          # share of caption samples in stage 2
-    qtype_weights: dict | None = None  # stage-2 QA sampling weights (default: relational types 2, others 1)
+    # stage-2 QA sampling weights, overriding syn.training_weights (relational types 2, others 1);
+    # exists x4 and right_of x3 is what made `exists` learnable (the shipped checkpoint)
+    qtype_weights: dict | None = field(default_factory=lambda: {"exists": 4.0, "right_of": 3.0})
     lr_lm: float = 1e-3
     lr_vision: float = 3e-3           # vision tower, projector, auxiliary heads
     weight_decay: float = 0.01
@@ -420,6 +423,7 @@ def fit(cfg: TrainConfig, run_dir, out_dir=None, *, resume: bool = True, logger=
     ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=str(run_dir), filename="step{step}", save_last=True, save_top_k=0,
         every_n_train_steps=int(cfg.ckpt_every), save_on_train_epoch_end=False,
+        enable_version_counter=False,  # always overwrite last.ckpt (never last-v1.ckpt)
     )
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=int(cfg.steps), max_epochs=-1,
@@ -434,7 +438,10 @@ def fit(cfg: TrainConfig, run_dir, out_dir=None, *, resume: bool = True, logger=
         start_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False)["global_step"])
         log.info("resuming from %s at step %d", ckpt_path, start_step)
     t0 = time.time()
-    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    with warnings.catch_warnings():
+        # batches are a function of the global step, so resuming mid-"epoch" is exact
+        warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
     elapsed = time.time() - t0
     trainer.save_checkpoint(str(last))
     info = {"seed": cfg.seed, "steps": int(trainer.global_step), "start_step": start_step,
@@ -470,7 +477,7 @@ def save_plain(model, processor, out_dir) -> Path:
     return out
 
 
-def train_tiny_llava(out_dir, seed: int = 0, steps: int = 5000, *, run_dir=None, resume: bool = True,
+def train_tiny_llava(out_dir, seed: int = 1, steps: int = 6000, *, run_dir=None, resume: bool = True,
                      evaluate_on=None, **kw) -> dict:
     """Train the tiny LLaVA and save it (plain ``LlavaForConditionalGeneration`` + processor) to
     ``out_dir``. ``run_dir`` holds ``last.ckpt`` (default ``<out_dir>/../<name>_run``); an
@@ -528,13 +535,14 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(prog="python -m dop.train", description=main.__doc__)
     ap.add_argument("out_dir")
-    ap.add_argument("steps", nargs="?", type=int, default=5000)
+    ap.add_argument("steps", nargs="?", type=int, default=6000)
     ap.add_argument("seed", nargs="?", type=int, default=0)
     ap.add_argument("--qtype-weights", type=json.loads, default=None, help='e.g. \'{"exists": 4}\'')
     ap.add_argument("--run-dir", default=None)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    info = train_tiny_llava(a.out_dir, seed=a.seed, steps=a.steps, run_dir=a.run_dir, qtype_weights=a.qtype_weights)
+    kw = {} if a.qtype_weights is None else {"qtype_weights": a.qtype_weights}
+    info = train_tiny_llava(a.out_dir, seed=a.seed, steps=a.steps, run_dir=a.run_dir, **kw)
     print(json.dumps(info, indent=2))
 
 
