@@ -22,14 +22,14 @@ def _cfg(tmp: Path, *overrides: str):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("config", overrides=[
             f"paths.output_dir={tmp / 'out'}", f"paths.run_dir={tmp / 'run'}", "logger=none",
-            "data.sizes.train=16", "data.sizes.val=24", "data.sizes.test=60", *overrides])
+            "data.sizes.train=16", "data.sizes.val=32", "data.sizes.test=200", *overrides])
 
 
 @needs_tiny
 def test_pipeline_end_to_end(tmp_path):
     from dop.pipeline import run
 
-    cfg = _cfg(tmp_path, "method.num_calibration=16", "sweep.progress_bar=false")
+    cfg = _cfg(tmp_path, "method.num_calibration=32", "sweep.progress_bar=false")
     out = run(cfg)
     run_dir = tmp_path / "run"
     for name in ("search.json", "summary.md", "result.json", "pipeline.json", "report/report.md",
@@ -46,12 +46,26 @@ def test_pipeline_end_to_end(tmp_path):
         assert entry["measured_kl"] is not None and entry["measured_kl"] >= 0
     records = out["records"]
     dense = [r for r in records if r["method"] == "dense"]
-    assert len(dense) == 1 and dense[0]["value"] >= 0.9 and dense[0]["samples"] == 60
+    assert len(dense) == 1 and dense[0]["value"] >= 0.9 and dense[0]["samples"] == 200
+    found = {r["budget_value"]: r["value"] for r in records if r["method"] == "dop"}
+    assert found[0.5] >= dense[0]["value"] - 0.02  # the 50% policy keeps accuracy within 2 points
     budgets = sorted(r["budget_value"] for r in records if r["method"] == "dop")
     assert budgets == [0.25, 0.35, 0.5]
     report = (run_dir / "report" / "report.md").read_text()
     for value in ("0.5", "0.35", "0.25"):
         assert value in report
+    # ... and beats the uniform-depth and random depth policies of the same FLOPs
+    from dop.compare import compare_on_synthetic, reference_policies
+    from dop.models import load_model
+    from dop.search import parse_pair
+
+    model, processor = load_model("tiny_llava")
+    refs = reference_policies(model.config.get_text_config(), search["groups"],
+                              [parse_pair(p) for p in search["pairs"]], search["num_layers"],
+                              search["budgets"]["ratio_0.5"]["budget"]["flops"], n_random=3)
+    acc = compare_on_synthetic(model, processor, tmp_path / "out" / "data" / "synthetic",
+                               {k: p for k, (p, _) in refs.items()})
+    assert found[0.5] > acc["uniform"] and found[0.5] > max(v for k, v in acc.items() if k.startswith("random"))
     # a rerun resumes: nothing is recomputed, same policies
     again = run(cfg)
     assert again["search"]["budgets"]["ratio_0.5"]["depths"] == search["budgets"]["ratio_0.5"]["depths"]
