@@ -107,12 +107,21 @@ def test_unknown_method_and_unreachable_budget_fail_first(env, monkeypatch):
         stage.run(_cfg(root, model_dir, data, {"name": "fastvv"}, {"kind": "tokens", "values": [8]}))
     with pytest.raises(MethodError, match=r"nearest reachable budget is budget=tokens budget.values=\[\d+\]"):
         stage.run(_cfg(root, model_dir, data, {"name": "standin_fastv", "layer": 1},
-                       {"kind": "tokens", "values": [16, 1]}, results="results_bad"))
+                       {"kind": "tokens", "values": [1]}, results="results_bad"))
     with pytest.raises(ValueError, match="not a policy"):
         cfg = _cfg(root, model_dir, data, {"name": "standin_fastv"}, {"kind": "tokens", "values": [8]})
         cfg.policy = "some.yaml"
         stage.run(cfg)
     assert not (root / "results_bad").exists() or not list((root / "results_bad").glob("*.json"))
+
+
+def test_an_unreachable_budget_does_not_lose_the_reachable_ones(env):
+    root, model_dir, data = env
+    with pytest.raises(RuntimeError, match=r"nearest reachable budget is budget=tokens budget.values=\[\d+\]"):
+        stage.run(_cfg(root, model_dir, data, {"name": "standin_fastv", "layer": 1},
+                       {"kind": "tokens", "values": [16, 1]}, results="results_mixed"))
+    records = ResultsStore(root / "results_mixed").records()
+    assert records and {r.budget_value for r in records} == {16.0}
 
 
 @pytest.fixture(scope="module")

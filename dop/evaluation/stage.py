@@ -74,20 +74,34 @@ def baseline_of(method_cfg: Any):
     return resolve_method(method_cfg)
 
 
-def baseline_specs(method: Any, model: Any, groups: dict[str, int], budget_cfg: Any) -> list[dict[str, Any]]:
+def baseline_specs(method: Any, model: Any, groups: dict[str, int], budget_cfg: Any,
+                   unreachable: list[str] | None = None) -> list[dict[str, Any]]:
     """One spec per budget of ``cfg.budget``: the method's knob matched to it on the sample prompt.
 
-    Every budget is matched before anything is evaluated, so an unreachable one fails at once
-    (``MethodError`` naming the nearest reachable budget).
+    Every budget is matched before anything is evaluated. An unreachable budget (``MethodError``
+    naming the nearest reachable one) is appended to ``unreachable`` and the others still run; when
+    no budget is reachable (or no list is given) the error is raised at once.
     """
+    from dop.baselines.base import MethodError
     from dop.baselines.budget import match_budget
     from dop.budget import parse_budgets
 
     specs = []
+    errors = []
     for budget in parse_budgets(budget_cfg):
-        match = match_budget(method, model.config, groups, budget)
+        try:
+            match = match_budget(method, model.config, groups, budget)
+        except MethodError as err:
+            if unreachable is None:
+                raise
+            errors.append(err)
+            continue
         specs.append({"policy": None, "path": None, "budget_kind": budget.kind, "budget_value": budget.value,
                       "method": method, "knob": match.knob, "match": match, "tag": budget.name})
+    if errors and not specs:
+        raise errors[0]
+    if unreachable is not None:
+        unreachable.extend(str(e) for e in errors)
     return specs
 
 
@@ -313,9 +327,12 @@ def run(cfg: Any) -> dict[str, Any]:
     groups = token_groups(model, inputs["input_ids"])
     num_layers = int(model.config.get_text_config().num_hidden_layers)
     method_name = str(cfg.get("method", {}).get("name", "dop")) if cfg.get("method") else "dop"
+    unreachable: list[str] = []  # budgets a baseline cannot reach: reported, the others still run
     if baseline is not None:
         baseline.check_model(model)  # e.g. a CLIP text tower the model lacks: say so before any evaluation
-        specs = baseline_specs(baseline, model, groups, cfg.get("budget"))
+        specs = baseline_specs(baseline, model, groups, cfg.get("budget"), unreachable)
+        for err in unreachable:
+            log.error("skipped: %s", err)
         for spec in specs:
             m = spec["match"]
             log.info("%s at %s: %s=%s, %.4g TFLOPs (budget %.4g)%s", baseline.name, spec["tag"], m.knob_name,
@@ -328,7 +345,7 @@ def run(cfg: Any) -> dict[str, Any]:
     batch_size = int(cfg.benchmark.get("batch_size") or cfg.get("eval_batch_size") or 8)
 
     summary: list[dict[str, Any]] = []
-    failures: list[str] = []
+    failures: list[str] = list(unreachable)
     with start_run(cfg, job_type="evaluate", run_dir=run_dir) as wb:
         for spec in specs:
             policy = spec["policy"]
@@ -411,6 +428,6 @@ def run(cfg: Any) -> dict[str, Any]:
     for f in failures:
         print(f"FAILED {f}")
     if failures and bool(cfg.get("fail_on_error", True)):
-        raise RuntimeError(f"{len(failures)} benchmark(s) failed (records of the others were kept): "
+        raise RuntimeError(f"{len(failures)} benchmark(s) or budget(s) failed (records of the others were kept): "
                            + "; ".join(failures))
     return result
