@@ -143,8 +143,9 @@ def table_cells(table: Table, digits: int = 3, raw: bool = False) -> list[list[A
             if raw:
                 cells += [row.tflops, row.knob, row.paper_tflops]
             else:
-                paper = "-" if row.paper_tflops is None else f"{row.paper_tflops:.3f} ({row.paper_convention})"
-                cells += [_fmt(row.tflops, digits), knob, paper]
+                # 4 significant digits: tiny models run at 1e-4 TFLOPs, 7B models at ~10
+                paper = "-" if row.paper_tflops is None else f"{row.paper_tflops:.4g} ({row.paper_convention})"
+                cells += ["-" if row.tflops is None else f"{row.tflops:.4g}", knob, paper]
         for b in table.benchmarks:
             v = row.values.get(b)
             cells.append(v if raw else _fmt(v, digits))
@@ -198,13 +199,16 @@ def plot_accuracy_vs_tflops(records: Sequence[Record], path: str | Path, benchma
         if row.tflops is None or y is None:
             continue
         by_method.setdefault((row.model, row.method), []).append((row.tflops, y))
-    for (model, method), pts in sorted(by_method.items()):
+    colors = plt.get_cmap("tab20").colors  # 14+ methods: the default 10-colour cycle repeats
+    markers = "osD^v<>pPXh"
+    for i, ((model, method), pts) in enumerate(sorted(by_method.items())):
         pts.sort()
         label = f"{model} / {method}" if table.multi_model else method
         if method == "dense":
-            ax.scatter(*zip(*pts), marker="*", s=120, zorder=3, label=label)
+            ax.scatter(*zip(*pts), marker="*", s=120, zorder=3, label=label, color="black")
         else:
-            ax.plot(*zip(*pts), marker="o", label=label)
+            ax.plot(*zip(*pts), marker=markers[i % len(markers)], label=label, color=colors[i % len(colors)],
+                    linewidth=2.5 if method == "dop" else 1.5)
     ax.set_xlabel("prefill TFLOPs")
     ax.set_ylabel(benchmark or "average score")
     ax.grid(alpha=0.3)
