@@ -543,6 +543,183 @@ def greedy_search(
     return Solution({p: int(d) for p, d in zip(cost.pairs, depths)}, predicted, current, {"steps": steps})
 
 
+# --------------------------------------------------------------------------------------------
+# GSOP-style objective: greedy on the calibration-set task accuracy
+# --------------------------------------------------------------------------------------------
+OBJECTIVES = ("kl", "accuracy")
+AccuracyFn = Callable[[Mapping[str, Policy]], Mapping[str, float]]  # {name: policy} -> {name: accuracy}
+
+
+def accuracy_greedy_search(
+    accuracy: AccuracyFn,
+    cost: CostModel,
+    budget_flops: float,
+    *,
+    grid: Sequence[int] | None = None,
+    curves: Mapping[Pair, Sequence[float]] | np.ndarray | None = None,
+) -> Solution:
+    """GSOP-style greedy on measured task accuracy (``method.objective=accuracy``).
+
+    From dense, each step scores every candidate *policy* (the current one with a single parameter
+    moved one grid step shallower) with ``accuracy`` in one call, and takes the candidate with the
+    least accuracy loss per FLOP saved; ties: the least accuracy loss, then the least single-change
+    KL increase when ``curves`` are given, then the first parameter. Repeats until the budget fits.
+    A grid step that saves no FLOPs (a q/mlp already dead because its group's kv is pruned there) is
+    stepped over to the next grid depth that does: those policies compute the same thing.
+    ``predicted_kl`` is the additive KL estimate when ``curves`` are given, else None.
+    """
+    t0 = time.perf_counter()
+    L, P = cost.num_layers, len(cost.pairs)
+    grid = sorted({int(d) for d in (grid if grid is not None else range(L + 1))} | {L})
+    if grid[0] < 0:
+        raise SearchError(f"grid depth {grid[0]} outside 0..{L}")
+    kl = None
+    if curves is not None:
+        kl = curves if isinstance(curves, np.ndarray) else curves_array(curves, cost.pairs)
+    limit = budget_flops * (1 + _REL_TOL)
+    min_cost = cost.cost([grid[0]] * P)  # pruning more never costs more: all-shallowest is cheapest
+    if min_cost > limit:
+        raise InfeasibleBudgetError(
+            f"budget {budget_flops / 1e12:.6g} TFLOPs is below the cheapest policy this search space reaches "
+            f"({min_cost / 1e12:.6g} TFLOPs, {min_cost / cost.dense:.4f} of dense)", min_cost)
+
+    def policy_of(depths: Sequence[int]) -> Policy:
+        return DepthPolicy({p: int(d) for p, d in zip(cost.pairs, depths)}).expand(
+            L, output_groups=cost.output_groups)
+
+    depths = [L] * P
+    current = cost.cost(depths)
+    acc = float(accuracy({"dense": policy_of(depths)})["dense"])
+    dense_acc, evaluations, trace = acc, 1, []
+    while current > limit:
+        cands: dict[str, tuple[int, int, float]] = {}
+        for j in range(P):
+            for d in (g for g in reversed(grid) if g < depths[j]):
+                if kl is not None and not np.isfinite(kl[j, d]):
+                    continue
+                trial = depths.copy()
+                trial[j] = d
+                saved = current - cost.cost(trial)
+                if saved > _REL_TOL * cost.dense:
+                    cands[pair_key(cost.pairs[j])] = (j, d, saved)
+                    break
+        if not cands:
+            raise InfeasibleBudgetError(
+                f"accuracy greedy search cannot go below {current / 1e12:.6g} TFLOPs "
+                f"(budget {budget_flops / 1e12:.6g})", current)
+        policies = {}
+        for name, (j, d, _) in cands.items():
+            trial = depths.copy()
+            trial[j] = d
+            policies[name] = policy_of(trial)
+        scores = accuracy(policies)
+        evaluations += len(policies)
+        missing = sorted(set(cands) - set(scores))
+        if missing:
+            raise SearchError(f"the accuracy scorer returned no value for candidate {missing[0]}")
+
+        ranked = []  # (loss per FLOP saved, loss, KL increase if known, parameter index, name)
+        for name, (j, d, saved) in cands.items():
+            loss = acc - float(scores[name])
+            dkl = float(kl[j, d] - kl[j, depths[j]]) if kl is not None else 0.0
+            ranked.append((loss / saved, loss, dkl, j, name))
+        best = min(ranked)[-1]
+        j, d, saved = cands[best]
+        depths[j] = d
+        acc = float(scores[best])
+        current = cost.cost(depths)
+        trace.append({"parameter": best, "depth": d, "accuracy": acc, "flops": current})
+    predicted = float(sum(kl[j, d] for j, d in enumerate(depths))) if kl is not None else None
+    stats = {"seconds": time.perf_counter() - t0, "steps": len(trace), "evaluations": evaluations,
+             "accuracy": acc, "dense_accuracy": dense_acc, "trace": trace}
+    return Solution({p: int(d) for p, d in zip(cost.pairs, depths)}, predicted, current, stats)
+
+
+def calibration_answers(samples: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The reference answer of every calibration sample; an error naming those without one."""
+    missing = [str(s.get("id", i)) for i, s in enumerate(samples)
+               if s.get("answer") is None or str(s.get("answer")).strip() == ""]
+    if missing:
+        raise SearchError(
+            f"objective=accuracy needs a reference answer for every calibration sample; {len(missing)} of "
+            f"{len(samples)} have no 'answer' (e.g. {missing[:3]}); use data whose calibration split has "
+            "answers, or method.objective=kl")
+    return [str(s["answer"]) for s in samples]
+
+
+def calibration_accuracy(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Mapping[str, Any]],
+    policies: Mapping[str, Policy],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 5,
+    until: Sequence[str] = ("\n",),
+) -> dict[str, float]:
+    """Exact-match accuracy of each policy's greedy answers on the calibration samples, with the
+    prompts and decoding of ``dop.evaluation.scoring.score_synthetic`` (policies via the engine)."""
+    from dop.evaluation.scoring import build_prompt, exact_match, generate_texts
+
+    answers = calibration_answers(samples)
+    prompts = [build_prompt(processor, str(s["question"])) for s in samples]
+    images = [[s["image"]] for s in samples]
+    out = {}
+    for name, policy in policies.items():
+        correct = 0.0
+        for start in range(0, len(samples), batch_size):
+            stop = start + batch_size
+            texts = generate_texts(model, processor, images[start:stop], prompts[start:stop],
+                                   max_new_tokens=max_new_tokens, until=until, policy=policy)
+            correct += sum(exact_match(t, a) for t, a in zip(texts, answers[start:stop]))
+        out[name] = correct / len(samples)
+    return out
+
+
+def _accuracy_scorer(job: Any, cfg: Any) -> AccuracyFn:
+    """``calibration_accuracy`` bound to the job's model, processor and calibration samples."""
+    samples = getattr(job, "calibration_samples", None)
+    processor = getattr(job, "processor", None)
+    if samples is None or processor is None:
+        raise SearchError("objective=accuracy needs the job's calibration samples and processor "
+                          "(SweepJob.from_config sets job.calibration_samples and job.processor)")
+    calibration_answers(samples)  # fail before any model work
+    method = cfg.method
+    data = cfg.get("data", {}) or {}
+    synthetic = str(data.get("kind") or data.get("name")) == "synthetic"
+    max_new = int(method.get("accuracy_max_new_tokens") or (5 if synthetic else 16))
+    batch_size = int((cfg.get("sweep", {}) or {}).get("batch_size", 8))
+    device = str(cfg.get("device", "auto"))
+    model = job.model
+    if device.startswith("cuda") or (device == "auto" and torch_cuda_available()):
+        model.to(device if device.startswith("cuda") else "cuda")
+    model.eval()
+
+    cache: dict[tuple, float] = {}  # budgets share the greedy path: a tighter one replays it for free
+
+    def key(policy: Policy) -> tuple:
+        return tuple(sorted((int(op.layer), str(op.group), str(op.type)) for op in policy))
+
+    def score(policies: Mapping[str, Policy]) -> dict[str, float]:
+        todo = {name: p for name, p in policies.items() if key(p) not in cache}
+        if todo:
+            for name, acc in calibration_accuracy(model, processor, samples, todo, batch_size=batch_size,
+                                                  max_new_tokens=max_new).items():
+                cache[key(todo[name])] = acc
+        return {name: cache[key(p)] for name, p in policies.items()}
+
+    return score
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
 def _ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="mergesort")
     ranks = np.empty(len(x))
@@ -623,8 +800,16 @@ def run(cfg: Any) -> dict[str, Any]:
     from dop.sweep import SweepJob
 
     job = SweepJob.from_config(cfg)
-    job.run(complete=True)
+    if _objective(cfg.method) != "accuracy":  # GSOP's objective needs no sweep (its KL breaks ties if present)
+        job.run(complete=True)
     return search_job(job, cfg)
+
+
+def _objective(method: Any) -> str:
+    objective = str(method.get("objective", "kl"))
+    if objective not in OBJECTIVES:
+        raise SearchError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    return objective
 
 
 def search_job(job: Any, cfg: Any) -> dict[str, Any]:
@@ -632,9 +817,16 @@ def search_job(job: Any, cfg: Any) -> dict[str, Any]:
     from dop.flops import count_flops, equivalent_tokens, flops_for_tokens
 
     method = cfg.method
+    objective = _objective(method)
     L = job.num_layers
     fp = job.reference.fingerprint
-    curves = job.store.curves(job.pairs, L, fp)
+    if objective == "accuracy":
+        try:  # KL only breaks accuracy ties and gives predicted_kl: used when a sweep is present
+            curves = job.store.curves(job.pairs, L, fp)
+        except (SearchError, ValueError):
+            curves = None
+    else:
+        curves = job.store.curves(job.pairs, L, fp)
     groups = job.flops_groups()
     convention = str(method.get("convention", "dop"))
     cost = CostModel.from_flops(job.text_config, groups, job.pairs, convention=convention)
@@ -644,18 +836,26 @@ def search_job(job: Any, cfg: Any) -> dict[str, Any]:
 
     if str(method.get("interpolation", "linear")) != "linear":
         raise SearchError(f"interpolation {method.get('interpolation')!r} is not supported; valid: linear")
-    if str(method.get("objective", "kl")) != "kl":
-        raise SearchError(f"objective {method.get('objective')!r} is not supported; valid: kl")
-    solver = str(method.get("solver", "exact"))
-    solve = {"exact": solve_exact, "greedy": greedy_search}.get(solver)
-    if solve is None:
-        raise SearchError(f"unknown solver {solver!r}; valid: exact, greedy")
+    if objective == "accuracy":  # GSOP: greedy on calibration accuracy (method.solver is ignored)
+        from dop.sweep import grid_depths
+
+        solver = "greedy"
+        scorer = _accuracy_scorer(job, cfg)
+        grid = grid_depths(L, int(getattr(job, "grid_step", 1)))
+
+        def solve(curves: Any, cost: CostModel, target: float) -> Solution:
+            return accuracy_greedy_search(scorer, cost, target, grid=grid, curves=curves)
+    else:
+        solver = str(method.get("solver", "exact"))
+        solve = {"exact": solve_exact, "greedy": greedy_search}.get(solver)
+        if solve is None:
+            raise SearchError(f"unknown solver {solver!r}; valid: exact, greedy")
     budgets = parse_budgets(cfg.budget)
     run_dir = Path(job.run_dir)
     results: dict[str, Any] = {"model": job.model_id, "num_layers": L, "groups": groups,
                                "pairs": [pair_key(p) for p in job.pairs], "convention": convention,
                                "dense_flops": cost.dense, "fingerprint": fp, "solver": solver,
-                               "budgets": {}}
+                               "objective": objective, "budgets": {}}
     policies: dict[str, Policy] = {}
     for budget in budgets:
         target = resolve_budget(budget, cost, tokens_to_flops)
@@ -673,9 +873,13 @@ def search_job(job: Any, cfg: Any) -> dict[str, Any]:
             "equivalent_tokens": _equivalent_tokens(equivalent_tokens, job.text_config, groups, exact, convention),
             "solver_seconds": sol.stats.get("seconds"),
         }
+        if objective == "accuracy":
+            results["budgets"][budget.name].update(
+                calibration_accuracy=sol.stats["accuracy"], dense_calibration_accuracy=sol.stats["dense_accuracy"],
+                accuracy_evaluations=sol.stats["evaluations"], greedy_trace=sol.stats["trace"])
     # one Lightning predict scores every found policy and the additive-check policies
     checks = random_depth_policies(job.pairs, L, int(method.get("check_additive", 0) or 0),
-                                   seed=int(cfg.get("seed", 0)))
+                                   seed=int(cfg.get("seed", 0))) if curves is not None else []
     to_measure = dict(policies) if method.get("measure", True) else {}
     to_measure.update({f"check_{i}": DepthPolicy(d).expand(L) for i, d in enumerate(checks)})
     measured = job.measure_many(to_measure) if to_measure else {}
@@ -684,13 +888,15 @@ def search_job(job: Any, cfg: Any) -> dict[str, Any]:
         entry["measured_kl"] = measured.get(name)
         policy.meta = {**policy.meta, "budget": entry["budget"], "predicted_kl": entry["predicted_kl"],
                        "measured_kl": entry["measured_kl"], "flops": entry["flops"], "ratio": entry["ratio"],
-                       "fingerprint": fp}
+                       "fingerprint": fp, "objective": objective, "solver": solver}
+        if objective == "accuracy":
+            policy.meta["calibration_accuracy"] = entry["calibration_accuracy"]
         path = run_dir / "policies" / f"{name}.yaml"
         policy.to_yaml(path)
         entry["policy"] = str(path)
-        log.info("budget %s: predicted KL %.4g, measured %s, %.3f of dense, depths %s", name,
+        log.info("budget %s: predicted KL %s, measured %s, %.3f of dense, depths %s", name,
                  entry["predicted_kl"], entry["measured_kl"], entry["ratio"], entry["depths"])
-    if checks:
+    if checks and curves is not None:
         pts = [(predict_kl(curves, d), measured[f"check_{i}"]) for i, d in enumerate(checks)]
         results["additive_check"] = {**check_additive(pts), "points": pts}
     _write_json(run_dir / "search.json", results)

@@ -535,12 +535,14 @@ class SweepJob:
             trainer.update(accelerator="gpu", devices=[int(index)] if index is not None else trainer.get("devices", 1))
         trainer["enable_progress_bar"] = bool(sweep.get("progress_bar", False))
         groups = method.get("flops_groups")
-        return cls(model, batches, model_id=str(cfg.model.get("hf_id") or cfg.model.pretrained), run_dir=run_dir,
+        job = cls(model, batches, model_id=str(cfg.model.get("hf_id") or cfg.model.pretrained), run_dir=run_dir,
                    pairs=pairs, grid_step=int(method.get("grid_step", 1)), reuse=str(sweep.get("reuse", "half_layer")),
                    hidden_store=str(sweep.get("hidden_store", "memory")), shard=int(sweep.get("shard", 0)),
                    num_shards=int(sweep.get("num_shards", 1)), response_tokens=response_tokens,
                    trainer_kwargs=trainer, flops_groups=dict(groups) if groups else None,
                    sweep_dir=sweep.get("dir"))
+        job.processor, job.calibration_samples = processor, samples  # for dop.search objective=accuracy
+        return job
 
 
 def _configured_pairs(method: Any) -> list[Pair] | None:
@@ -570,22 +572,25 @@ def load_calibration(cfg: Any, n: int) -> list[dict[str, Any]]:
     data = cfg.data
     if n < 1:
         raise DivergenceError(f"num_calibration must be >= 1, got {n}")
-    if str(data.get("name")) == "synthetic":
+    if str(data.get("kind") or data.get("name")) == "synthetic":
         from dop.data.synthetic import ensure_dataset, load_dataset_dir
 
         path = ensure_dataset(data.path, seed=int(data.get("seed", 0)), sizes=dict(data.sizes),
                               grid=int(data.get("grid", 2)), image_size=int(data.get("image_size", 32)))
         split = load_dataset_dir(path)[str(data.get("calibration_split", "val"))]
     else:
+        from dop.data.calibration import CalibrationError  # disk / lmms-eval task docs
+        from dop.data.calibration import load_calibration as loader
+
         try:
-            from dop.data import load_calibration as loader  # lmms-eval task docs (another module)
-        except ImportError:
-            raise SweepError(f"no calibration loader for data={data.get('name')!r} (only 'synthetic' here)") from None
-        return list(loader(data, n))
+            return list(loader(data, n))
+        except CalibrationError as e:
+            raise SweepError(f"calibration data={data.get('name')!r}: {e}") from e
     rows = [split[i] for i in range(min(n, len(split)))]
     if not rows:
         raise DivergenceError(f"calibration split {data.get('calibration_split')!r} is empty")
-    return [{"id": str(r.get("id", i)), "image": r["image"], "question": r["question"]} for i, r in enumerate(rows)]
+    return [{"id": str(r.get("id", i)), "image": r["image"], "question": r["question"], "answer": r.get("answer")}
+            for i, r in enumerate(rows)]
 
 
 # --------------------------------------------------------------------------------------------
