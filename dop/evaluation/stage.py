@@ -275,9 +275,9 @@ def _task_hash(results: dict[str, Any], tasks: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def eval_signature(cfg: Any, bench: Benchmark, limit: Any) -> str:
-    """What a cell's value depends on besides its key: the benchmark config, the sample limit and,
-    for the local synthetic task, the data it is generated from. A stored record is reused only
+def eval_signature(cfg: Any, bench: Benchmark, limit: Any, revision: str | None = None) -> str:
+    """What a cell's value depends on besides its key: the checkpoint, the benchmark config, the
+    sample limit and, for the local synthetic task, the data it is generated from. A stored record is reused only
     when its signature matches, so a changed test split is never answered by a stale record."""
     from omegaconf import OmegaConf
 
@@ -285,7 +285,7 @@ def eval_signature(cfg: Any, bench: Benchmark, limit: Any) -> str:
         return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
 
     data = plain(cfg.get("data")) if bench.dataset_path else None
-    doc = {"tasks": list(bench.tasks), "limit": limit, "data": data}
+    doc = {"tasks": list(bench.tasks), "limit": limit, "data": data, "model_revision": revision}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -375,7 +375,7 @@ def run(cfg: Any) -> dict[str, Any]:
                 cell = dict(model=model_id, method=method, policy_hash=p_hash,
                             budget_kind=spec["budget_kind"], budget_value=spec["budget_value"],
                             benchmark=bench.name)
-                signature = eval_signature(cfg, bench, limit if limit is not None else bench.limit)
+                signature = eval_signature(cfg, bench, limit if limit is not None else bench.limit, revision)
                 if not overwrite and _done(store, cell, bench.recorded_metrics, signature):
                     log.info("skip %s / %s: already in the store", bench.name, method)
                     continue
