@@ -35,8 +35,20 @@ def resolve_stage(name: str):
     return getattr(importlib.import_module(module), func)
 
 
+# Libraries whose INFO chatter (device banners, tips) drowns dop's own step lines; `hydra.verbose`
+# brings them back.
+_CHATTY = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "datasets")
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.get().verbose:
+        import lightning.pytorch  # noqa: F401  (it sets its own log levels on import)
+
+        for name in _CHATTY:
+            logging.getLogger(name).setLevel(logging.WARNING)
     return resolve_stage(str(cfg.stage))(cfg)
 
 

@@ -121,6 +121,8 @@ def start_run(cfg: Any, job_type: str, run_dir: str | os.PathLike, name: str | N
         project=_get(logger, "project", "dop"), entity=_get(logger, "entity"), mode=mode,  # type: ignore[arg-type]
         dir=str(run_dir), job_type=job_type, name=name, tags=list(tags), config=_config_dict(cfg),
         reinit="create_new",  # several stages in one process each get their own run
+        # quiet by default: the run summary lives in the run dir; logger.verbose=true shows W&B's output
+        settings=wandb.Settings(quiet=not bool(_get(logger, "verbose", False))),
     )
     wrapped = WandbRun(run)
     if outer:
