@@ -152,10 +152,9 @@ def run_records(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
 def _ensure_data(cfg: DictConfig) -> None:
     if str(cfg.data.get("name")) != "synthetic":
         return
-    from dop.data.synthetic import ensure_dataset
+    from dop.data.synthetic import ensure_from_config
 
-    ensure_dataset(cfg.data.path, seed=int(cfg.data.get("seed", 0)), sizes=dict(cfg.data.sizes),
-                   grid=int(cfg.data.get("grid", 2)), image_size=int(cfg.data.get("image_size", 32)))
+    ensure_from_config(cfg.data)
 
 
 def summarize(found: dict[str, Any], records: list[dict[str, Any]]) -> str:

@@ -568,29 +568,17 @@ def _run_dir(cfg: Any) -> str:
 
 
 def load_calibration(cfg: Any, n: int) -> list[dict[str, Any]]:
-    """The first ``n`` samples of the configured calibration split (``id, image, question``)."""
-    data = cfg.data
+    """``n`` calibration samples (``id, image, question`` and ``answer`` where the data has one)
+    from ``cfg.data``: synthetic, an on-disk dataset or lmms-eval task docs (``dop.data``)."""
+    from dop.data.calibration import CalibrationError
+    from dop.data.calibration import load_calibration as loader
+
     if n < 1:
         raise DivergenceError(f"num_calibration must be >= 1, got {n}")
-    if str(data.get("kind") or data.get("name")) == "synthetic":
-        from dop.data.synthetic import ensure_dataset, load_dataset_dir
-
-        path = ensure_dataset(data.path, seed=int(data.get("seed", 0)), sizes=dict(data.sizes),
-                              grid=int(data.get("grid", 2)), image_size=int(data.get("image_size", 32)))
-        split = load_dataset_dir(path)[str(data.get("calibration_split", "val"))]
-    else:
-        from dop.data.calibration import CalibrationError  # disk / lmms-eval task docs
-        from dop.data.calibration import load_calibration as loader
-
-        try:
-            return list(loader(data, n))
-        except CalibrationError as e:
-            raise SweepError(f"calibration data={data.get('name')!r}: {e}") from e
-    rows = [split[i] for i in range(min(n, len(split)))]
-    if not rows:
-        raise DivergenceError(f"calibration split {data.get('calibration_split')!r} is empty")
-    return [{"id": str(r.get("id", i)), "image": r["image"], "question": r["question"], "answer": r.get("answer")}
-            for i, r in enumerate(rows)]
+    try:
+        return list(loader(cfg.data, n))
+    except CalibrationError as e:
+        raise SweepError(f"calibration data={cfg.data.get('name')!r}: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------

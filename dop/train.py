@@ -515,7 +515,7 @@ def run(cfg):
     _, info = fit(tc, run_dir, out_dir, resume=bool(cfg.train.get("resume", True)))
     data = cfg.get("data", None)
     if data is not None and data.get("name") == "synthetic":
-        path = syn.ensure_dataset(data.path, seed=int(data.seed), sizes=dict(data.sizes))
+        path = syn.ensure_from_config(data)
         test = syn.load_dataset_dir(path)["test"]
         from dop.models import load_model
 

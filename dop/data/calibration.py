@@ -135,12 +135,9 @@ def _to_image(value: Any, where: str, base: Path | None = None) -> Any:
 # synthetic
 # --------------------------------------------------------------------------------------------
 def _load_synthetic(cfg: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    from dop.data.synthetic import ensure_dataset, load_dataset_dir
+    from dop.data.synthetic import ensure_from_config, load_dataset_dir
 
-    sizes = _get(cfg, "sizes")
-    path = ensure_dataset(_required(cfg, "path", "synthetic"), seed=int(_get(cfg, "seed", 0)),
-                          sizes=dict(sizes) if sizes else None, grid=int(_get(cfg, "grid", 2)),
-                          image_size=int(_get(cfg, "image_size", 32)))
+    path = ensure_from_config(cfg, _required(cfg, "path", "synthetic"))
     split_name = str(_get(cfg, "calibration_split", "val"))
     dd = load_dataset_dir(path)
     if split_name not in dd:
@@ -205,6 +202,7 @@ def _rows(ds: Any, n: int, cfg: Mapping[str, Any], what: str, base: Path | None)
     image_col = str(_get(cfg, "image_column", "image"))
     question_col = str(_get(cfg, "question_column", "question"))
     id_col = _get(cfg, "id_column")
+    answer_col = str(_get(cfg, "answer_column", "answer"))
     columns = list(ds.column_names)
     for key, col in (("image_column", image_col), ("question_column", question_col), ("id_column", id_col)):
         if col is not None and col not in columns:
@@ -216,9 +214,12 @@ def _rows(ds: Any, n: int, cfg: Mapping[str, Any], what: str, base: Path | None)
         raise CalibrationError(f"{what} is empty: no calibration samples")
     out = []
     for i, row in zip(idx, ds.select(idx)):
-        out.append({"id": str(row[id_col]) if id_col is not None else str(i),
-                    "image": _to_image(row[image_col], f"{what} row {i}", base),
-                    "question": str(row[question_col])})
+        sample = {"id": str(row[id_col]) if id_col is not None else str(i),
+                  "image": _to_image(row[image_col], f"{what} row {i}", base),
+                  "question": str(row[question_col])}
+        if answer_col in columns:  # reference answers, for the task-accuracy objective
+            sample["answer"] = str(row[answer_col])
+        out.append(sample)
     return out
 
 

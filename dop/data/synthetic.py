@@ -33,6 +33,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -393,6 +394,21 @@ def ensure_dataset(out_dir, seed: int = 0, sizes: dict | None = None, *, grid: i
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def ensure_from_config(data_cfg: Any, path: Any = None) -> Path:
+    """``ensure_dataset`` with the settings of a ``conf/data`` node (or dict): path, seed, sizes,
+    grid, image_size. ``path`` overrides ``data_cfg.path`` (e.g. a benchmark's own dataset dir)."""
+    def get(key: str, default: Any = None) -> Any:
+        value = data_cfg.get(key, default) if hasattr(data_cfg, "get") else getattr(data_cfg, key, default)
+        return default if value is None else value
+
+    target = path if path is not None else get("path")
+    if target is None:
+        raise ValueError("data.path must be set for the synthetic data")
+    sizes = get("sizes")
+    return ensure_dataset(target, seed=int(get("seed", 0)), sizes=dict(sizes) if sizes else None,
+                          grid=int(get("grid", 2)), image_size=int(get("image_size", 32)))
 
 
 def load_dataset_dir(path):

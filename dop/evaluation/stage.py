@@ -235,15 +235,9 @@ def task_setup(bench: Benchmark, run_dir: Path, data_cfg: Any = None) -> tuple[s
         return None, None
     dataset = Path(bench.dataset_path or default_paths()[0])
     if not dataset.exists():
-        from dop.data.synthetic import ensure_dataset
+        from dop.data.synthetic import ensure_from_config
 
-        kw: dict[str, Any] = {}
-        if data_cfg is not None:
-            for key in ("seed", "sizes", "grid", "image_size"):
-                if data_cfg.get(key) is not None:
-                    value = data_cfg.get(key)
-                    kw[key] = dict(value) if key == "sizes" else value
-        dataset = Path(ensure_dataset(dataset, **kw))
+        dataset = Path(ensure_from_config(data_cfg if data_cfg is not None else {}, dataset))
     task_dir = write_task_dir(dataset, run_dir / "tasks")
     return str(task_dir), task_config_hash(task_dir)
 
