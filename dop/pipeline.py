@@ -23,6 +23,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dop.io import atomic_write_json
+
 log = logging.getLogger("dop.pipeline")
 
 # What a run directory's sweep and policies depend on; budgets and benchmarks may change freely.
@@ -58,9 +60,7 @@ def check_run_dir(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
                 f"pass hydra.run.dir=<new dir> or remove it"
             )
     else:
-        tmp = path.with_name(".pipeline.json.tmp")
-        tmp.write_text(json.dumps({"digest": digest, "identity": mine}, indent=2, default=str))
-        tmp.replace(path)
+        atomic_write_json(path, {"digest": digest, "identity": mine}, indent=2, default=str)
     return mine
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from dop.io import atomic_write_text
 from dop.ops import INSTRUCTION, OP_TYPES, Operation, OpType, as_op_type
 
 # Groups whose rows' outputs are read (the last prompt position sits in `instruction`): their
@@ -202,7 +203,7 @@ class Policy:
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            _atomic_write(Path(path), text)
+            atomic_write_text(path, text)
         return text
 
     @classmethod
@@ -312,7 +313,7 @@ class DepthPolicy:
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            _atomic_write(Path(path), text)
+            atomic_write_text(path, text)
         return text
 
     @classmethod
@@ -343,10 +344,3 @@ def _load_yaml(path_or_text: str | Path) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PolicyError(f"policy file {str(path_or_text)!r} is not valid YAML/JSON: {exc}") from exc
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from dop.io import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 
@@ -104,14 +106,7 @@ class ResultsStore:
         unique = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(record.timestamp))}-{uuid.uuid4().hex[:8]}"
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{record.benchmark}__{record.method}")
         record.record_id = f"{safe}__{key_digest(record.key)}__{unique}"
-        path = self.root / f"{record.record_id}.json"
-        tmp = self.root / f".{record.record_id}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(record.to_dict(), f, indent=1, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(self.root / f"{record.record_id}.json", record.to_dict(), default=str)
 
     def __iter__(self) -> Iterator[Record]:
         if not self.root.is_dir():

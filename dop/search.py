@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from dop.budget import Budget, BudgetError, parse_budgets
+from dop.io import atomic_write_json
 from dop.ops import OP_TYPES, Operation, OpType, as_op_type
 from dop.policy import DEFAULT_OUTPUT_GROUPS, DepthPolicy, Policy
 
@@ -899,7 +900,7 @@ def search_job(job: Any, cfg: Any) -> dict[str, Any]:
     if checks and curves is not None:
         pts = [(predict_kl(curves, d), measured[f"check_{i}"]) for i, d in enumerate(checks)]
         results["additive_check"] = {**check_additive(pts), "points": pts}
-    _write_json(run_dir / "search.json", results)
+    atomic_write_json(run_dir / "search.json", results, indent=2, default=float)
     _log_tracking(cfg, run_dir, results, policies)
     return results
 
@@ -914,13 +915,6 @@ def _equivalent_tokens(fn: Callable[..., float], text_config: Any, groups: Mappi
         return float(fn(text_config, groups, flops, convention=convention))
     except FlopsError:
         return None
-
-
-def _write_json(path: Path, doc: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=float))
-    tmp.replace(path)
 
 
 def _log_tracking(cfg: Any, run_dir: Any, results: Mapping[str, Any],

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dop.divergence import CalibrationBatch, DenseReference, DivergenceError, kl_per_sample, scored_logits
+from dop.io import atomic_write_json
 from dop.ops import OP_TYPES
 from dop.policy import DEFAULT_OUTPUT_GROUPS, DepthPolicy, Policy, all_pairs
 from dop.search import Pair, SearchError, interpolate_curve, pair_key, pair_type, parse_pair
@@ -85,13 +86,6 @@ def shard_points(points: Sequence[SweepPoint], shard: int, num_shards: int) -> l
     return [p for i, p in enumerate(points) if i % num_shards == shard]
 
 
-def _atomic_write_json(path: Path, doc: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 class SweepStore:
     """``<root>/<type>_<group>/<depth>.json`` per point, plus ``<root>/meta.json``."""
 
@@ -109,7 +103,7 @@ class SweepStore:
         return _read_point(path, fingerprint)
 
     def write(self, point: SweepPoint, record: Mapping[str, Any]) -> None:
-        _atomic_write_json(self.path(point), {**record, "type": point.type, "group": point.group,
+        atomic_write_json(self.path(point), {**record, "type": point.type, "group": point.group,
                                               "depth": point.depth})
 
     def has(self, point: SweepPoint, fingerprint: str | None = None) -> bool:
@@ -143,7 +137,7 @@ class SweepStore:
         """Write ``meta.json`` or check an existing one names the same dense reference."""
         have = self.meta()
         if have is None:
-            _atomic_write_json(self.root / "meta.json", dict(meta))
+            atomic_write_json(self.root / "meta.json", dict(meta))
             return
         if have.get("fingerprint") != meta.get("fingerprint"):
             raise SweepError(
@@ -484,7 +478,7 @@ class SweepJob:
                      len(todo), stats["skipped"], spent, naive, stats["reuse_ratio"] or 0)
         shard_file = self.store.root / "shards" / f"{self.shard}_of_{self.num_shards}.json"
         if todo or not shard_file.exists():  # keep the compute record of the run that did the work
-            _atomic_write_json(shard_file, {"fingerprint": fp, **stats})
+            atomic_write_json(shard_file, {"fingerprint": fp, **stats})
         self.last_stats = stats
         return stats
 
@@ -656,5 +650,5 @@ def run_merge(cfg: Any) -> dict[str, Any]:
     report = merge_stores(target, list(sweep.get("merge_from") or []))
     if not report["complete"]:
         log.warning("merged store is missing %d points, e.g. %s", len(report["missing"]), report["missing"][:3])
-    _atomic_write_json(target.root / "merge.json", report)
+    atomic_write_json(target.root / "merge.json", report)
     return report
