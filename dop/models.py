@@ -104,9 +104,16 @@ def prepare_inputs(processor, images: list, questions: list[str], *, system: str
     texts = [build_prompt(processor, q, system) for q in questions]
     if answers is not None:
         texts = [f"{t} {a} {tok.eos_token}" for t, a in zip(texts, answers)]
+    return encode_prompts(processor, list(images), texts)
+
+
+def encode_prompts(processor, images: list, prompts: list[str]):
+    """``processor(images, prompts)`` with left padding (the last prompt token sits at the same
+    position in every row, as batched greedy decoding and answer-position scoring need)."""
+    tok = _tokenizer(processor)
     old = tok.padding_side
     tok.padding_side = "left"
     try:
-        return processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+        return processor(images=images or None, text=list(prompts), return_tensors="pt", padding=True)
     finally:
         tok.padding_side = old

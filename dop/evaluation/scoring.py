@@ -46,21 +46,16 @@ def image_token(processor: Any) -> str:
 def build_prompt(processor: Any, question: str, num_images: int = 1) -> str:
     """The chat prompt for one question with ``num_images`` images.
 
-    Uses ``dop.models.build_prompt`` (the project's single source of prompts) when it exists.
+    Uses ``dop.models.build_prompt`` (the project's single source of prompts) for chat processors.
     Literal image tokens in the question are removed first: lmms-eval tasks such as MMMU put
     ``<image>`` markers into the context, and the processor would count them as extra images.
     """
+    from dop.models import build_prompt as project_build_prompt
+
     tok = image_token(processor)
     question = " ".join(question.replace(tok, " ").split())
     if getattr(processor, "chat_template", None):
-        try:
-            from dop.models import build_prompt as project_build_prompt
-        except ImportError:  # before dop.models existed; same messages as dop.models.build_prompt
-            content = [{"type": "image"}, {"type": "text", "text": question}]
-            prompt = processor.apply_chat_template([{"role": "user", "content": content}],
-                                                   add_generation_prompt=True, tokenize=False)
-        else:
-            prompt = project_build_prompt(processor, question)
+        prompt = project_build_prompt(processor, question)
     else:
         prompt = FALLBACK_PROMPT.format(image=tok, question=question)
     if num_images == 0:
@@ -72,17 +67,10 @@ def build_prompt(processor: Any, question: str, num_images: int = 1) -> str:
 
 def encode(processor: Any, images: Sequence[Sequence[Any]], prompts: Sequence[str], device: Any, dtype: Any):
     """Left-padded batch for ``prompts``; ``images[i]`` are the PIL images of prompt i."""
+    from dop.models import encode_prompts
+
     flat = [im.convert("RGB") for ims in images for im in ims]
-    tokenizer = getattr(processor, "tokenizer", processor)
-    # Left padding keeps the last prompt token at the same position in every row (needed for
-    # batched greedy decoding and for reading continuation log-probs at the end of each row).
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = processor(images=flat or None, text=list(prompts), padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = old_side
-    batch = batch.to(device)
+    batch = encode_prompts(processor, flat, list(prompts)).to(device)
     if "pixel_values" in batch and torch.is_floating_point(batch["pixel_values"]):
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
     return batch
