@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from dop.engine import prune
@@ -103,3 +104,37 @@ def topk_rows(score: Any, allowed: Any, k: Sequence[int] | int) -> Any:
         n = min(ks[b], int(allowed[b].sum()))
         keep[b, order[b, :n]] = True
     return keep
+
+
+# --- helpers shared by the in-LLM selectors -----------------------------------------------
+def last_rows(valid: torch.Tensor) -> torch.Tensor:
+    """(B, 1) index of each sample's last non-padding row (left or right padding)."""
+    T = valid.shape[1]
+    pos = torch.arange(T, device=valid.device).expand_as(valid)
+    return torch.where(valid, pos, torch.full_like(pos, -1)).max(dim=1, keepdim=True).values.clamp(min=0)
+
+
+def num_layers_of(model: nn.Module) -> int:
+    from dop.adapters import get_adapter
+
+    return get_adapter(model).num_layers
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None, method: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        span = f"{low}..{high}" if high is not None else f">= {low}"
+        raise MethodError(f"method {method!r}: {name} must be an int in {span}, got {value!r}")
+    return value
+
+
+def scale_layers(layers: Sequence[int], reference: int, num_layers: int, low: int = 1,
+                 method: str = "") -> list[int]:
+    """Layer indices of a ``reference``-deep model mapped to ``num_layers`` (strictly increasing)."""
+    out: list[int] = []
+    for layer in layers:
+        x = max(low, round(layer * num_layers / reference)) if num_layers != reference else int(layer)
+        out.append(max(x, out[-1] + 1) if out else x)
+    if out and out[-1] >= num_layers:
+        raise MethodError(f"method {method!r}: layers {list(layers)} (of {reference}) do not fit a "
+                          f"{num_layers}-layer model")
+    return out

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dop.baselines.base import Method, MethodError, uniform_schedule
-from dop.baselines.fastv import check_int
+from dop.baselines.base import Method, MethodError, check_int, uniform_schedule
 from dop.ops import INSTRUCTION, VISION
 
 

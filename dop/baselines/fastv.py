@@ -19,28 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from dop.baselines.base import Method, MethodError, topk_rows, uniform_schedule
+from dop.baselines.base import (
+    Method,
+    MethodError,
+    check_int,
+    last_rows,
+    num_layers_of,
+    topk_rows,
+    uniform_schedule,
+)
 from dop.ops import VISION
-
-
-def last_rows(valid: torch.Tensor) -> torch.Tensor:
-    """(B, 1) index of each sample's last non-padding row (left or right padding)."""
-    T = valid.shape[1]
-    pos = torch.arange(T, device=valid.device).expand_as(valid)
-    return torch.where(valid, pos, torch.full_like(pos, -1)).max(dim=1, keepdim=True).values.clamp(min=0)
-
-
-def num_layers_of(model: nn.Module) -> int:
-    from dop.adapters import get_adapter
-
-    return get_adapter(model).num_layers
-
-
-def check_int(name: str, value: Any, low: int, high: int | None = None, method: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        span = f"{low}..{high}" if high is not None else f">= {low}"
-        raise MethodError(f"method {method!r}: {name} must be an int in {span}, got {value!r}")
-    return value
 
 
 def fastv_scores(probs: torch.Tensor) -> torch.Tensor:

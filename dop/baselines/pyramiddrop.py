@@ -24,28 +24,22 @@ reference depth, like ``layer_list``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from dop.baselines.base import Method, MethodError, topk_rows, uniform_schedule
-from dop.baselines.fastv import last_rows, num_layers_of
+from dop.baselines.base import (
+    Method,
+    MethodError,
+    last_rows,
+    num_layers_of,
+    scale_layers,
+    topk_rows,
+    uniform_schedule,
+)
 from dop.ops import INSTRUCTION, VISION
-
-
-def scale_layers(layers: Sequence[int], reference: int, num_layers: int, low: int = 1,
-                 method: str = "") -> list[int]:
-    """Layer indices of a ``reference``-deep model mapped to ``num_layers`` (strictly increasing)."""
-    out: list[int] = []
-    for layer in layers:
-        x = max(low, round(layer * num_layers / reference)) if num_layers != reference else int(layer)
-        out.append(max(x, out[-1] + 1) if out else x)
-    if out and out[-1] >= num_layers:
-        raise MethodError(f"method {method!r}: layers {list(layers)} (of {reference}) do not fit a "
-                          f"{num_layers}-layer model")
-    return out
 
 
 def last_instruction_rows(groups: Mapping[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from dop.baselines.base import Method, MethodError, topk_rows, uniform_schedule
-from dop.baselines.fastv import last_rows, num_layers_of
-from dop.baselines.pyramiddrop import scale_layers
+from dop.baselines.base import (
+    Method,
+    MethodError,
+    last_rows,
+    num_layers_of,
+    scale_layers,
+    topk_rows,
+    uniform_schedule,
+)
 from dop.ops import INSTRUCTION, VISION
 
 

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dop.baselines.base import Method, MethodError, uniform_schedule
-from dop.baselines.fastv import check_int, num_layers_of
+from dop.baselines.base import Method, MethodError, check_int, num_layers_of, uniform_schedule
 from dop.ops import VISION
 
 
