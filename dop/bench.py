@@ -1,7 +1,7 @@
 """Engine latency benchmark: prefill latency of dense vs pruned policies next to their FLOPs.
 
-On a CPU it runs a real-width decoder slice (LLaMA-7B width, a few layers, random weights, the
-LLaVA-1.5 prompt shape of 35 + 576 + 100 tokens); on a GPU the same slice or a full model. It prints,
+On a CPU it runs a real-width decoder slice (by default LLaMA-7B width, a few layers, random
+weights and the LLaVA-1.5 prompt shape: ``conf/bench/default.yaml``); on a GPU the same slice. It prints,
 per policy, the FLOPs reduction, the latency reduction and their ratio (1.0 = latency falls as
 fast as FLOPs). ``dop stage=bench`` and ``scripts/bench_engine.py`` call :func:`run_bench`.
 
@@ -43,15 +43,31 @@ class BenchRow:
     knob: Any = None  # a baseline's matched knob (None for policies)
 
 
+SLICE_KEYS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+              "n_system", "n_vision", "n_instruction")
+
+
+def slice_defaults() -> dict[str, int]:
+    """The slice shape of ``conf/bench/default.yaml`` (LLaMA-7B width, LLaVA-1.5 prompt shape):
+    model facts live in the config, not here."""
+    from omegaconf import OmegaConf
+
+    from dop.cli import CONF_DIR
+
+    bench = OmegaConf.load(Path(CONF_DIR) / "bench" / "default.yaml")
+    return {k: int(bench[k]) for k in SLICE_KEYS}
+
+
 def build_slice(
-    num_layers: int = 4,
-    hidden_size: int = 4096,
-    intermediate_size: int = 11008,
-    num_heads: int = 32,
-    num_kv_heads: int = 32,
-    n_system: int = 35,
-    n_vision: int = 576,
-    n_instruction: int = 100,
+    *,
+    num_layers: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    n_system: int,
+    n_vision: int,
+    n_instruction: int,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     device: str = "cpu",
@@ -133,7 +149,7 @@ def run_bench(
     from dop.flops import count_flops
 
     if model is None:
-        model, inputs, groups = build_slice(**slice_kwargs)
+        model, inputs, groups = build_slice(**{**slice_defaults(), **slice_kwargs})
     text_config = model.config.get_text_config(decoder=True)
     num_layers = text_config.num_hidden_layers
     policies = policies if policies is not None else default_policies(num_layers)
@@ -232,7 +248,7 @@ def run(cfg) -> list[BenchRow]:
 
         names = known_methods() if names in ("all", ["all"]) else [str(n) for n in names]
         budget = parse_budgets(budget_spec if budget_spec is not None else cfg.get("budget"))[0]
-        model, inputs, groups = build_slice(device=device, dtype=dtype, **bench)
+        model, inputs, groups = build_slice(device=device, dtype=dtype, **{**slice_defaults(), **bench})
         for name in names:
             try:
                 method = method_from_config(name)
