@@ -28,14 +28,6 @@ from dop.search import pair_ops, parse_pair
 Pair = tuple[str, str]
 
 
-def _expand(depths: Mapping[Pair, int], num_layers: int) -> Policy:
-    flat: dict[tuple[str, str], int] = {}
-    for pair, depth in depths.items():
-        for op in pair_ops(pair):
-            flat[op] = depth
-    return DepthPolicy(flat).expand(num_layers)
-
-
 def reference_policies(
     text_config: Any,
     groups: Mapping[str, float],
@@ -50,7 +42,7 @@ def reference_policies(
     """``{name: (policy, flops)}``: the uniform-depth policy and ``n_random`` random ones."""
     out: dict[str, tuple[Policy, float]] = {}
     for depth in range(num_layers, -1, -1):  # the deepest (cheapest pruning) uniform depth that fits
-        policy = _expand({p: depth for p in pairs}, num_layers)
+        policy = DepthPolicy({p: depth for p in pairs}).expand(num_layers)
         flops = count_flops(text_config, groups, policy)
         if flops <= budget_flops:
             out["uniform"] = (policy, flops)
@@ -59,7 +51,7 @@ def reference_policies(
     found = 0
     for _ in range(max_draws):
         depths = {p: int(rng.integers(0, num_layers + 1)) for p in pairs}
-        policy = _expand(depths, num_layers)
+        policy = DepthPolicy(depths).expand(num_layers)
         flops = count_flops(text_config, groups, policy)
         if lo * budget_flops <= flops <= budget_flops:
             out[f"random_{found}"] = (policy, flops)
