@@ -23,7 +23,7 @@ import numpy as np
 
 from dop.flops import count_flops
 from dop.policy import DepthPolicy, Policy
-from dop.search import pair_ops, parse_pair
+from dop.search import parse_pair
 
 Pair = tuple[str, str]
 
