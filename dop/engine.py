@@ -134,6 +134,9 @@ class Pruner:
                 raise EngineError(f"prefix depth {depth} outside 0..{self.num_layers - 1}")
             if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
                 raise EngineError("prefix hidden state must be a (batch, seq, hidden) tensor")
+            if policy.n_v is not None:
+                raise EngineError("prefix= cannot serve a policy with n_v: its sequence is shorter than the "
+                                  "dense states from layer 0 on")
         self.layer_forwards = 0  # decoder-layer forwards actually computed (for sweep accounting)
         self.kept_rows: dict[int, dict[str, list[int]]] = {}  # last prefill: layer -> type -> per-sample
         self.kept_masks: dict[int, dict[str, torch.Tensor]] = {}  # last prefill: layer -> type -> (B, T)
@@ -549,12 +552,16 @@ def prune(
     ``prefix=(D, hidden_D)`` starts layer D from a known dense hidden state (layers < D are skipped);
     it serves divergence sweeps, whose layers shallower than the pruning depth are exactly dense.
     ``selectors`` choose rows per sample during a prefill: each one's ``before_layer(ctx)`` is
-    called with a :class:`LayerContext` at the start of every decoder layer.
+    called with a :class:`LayerContext` at the start of every decoder layer. A policy with ``n_v``
+    also installs its reducer; its inputs must come from ``dop.front_end.prepare_inputs``.
     """
+    from dop.front_end import hooks
+
     pruner = Pruner(model, policy if policy is not None else Policy(), adapter=adapter, prefix=prefix,
                     selectors=selectors)
-    pruner.install()
-    try:
-        yield pruner
-    finally:
-        pruner.remove()
+    with hooks(model, policy):  # the n_v front end (its inputs come from dop.front_end.prepare_inputs)
+        pruner.install()
+        try:
+            yield pruner
+        finally:
+            pruner.remove()

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dop.ops import OP_TYPES, OpType, as_op_type
+from dop.ops import OP_TYPES, VISION, OpType, as_op_type
 from dop.policy import DepthPolicy, Policy
 
 __all__ = [
@@ -302,6 +302,16 @@ def _as_policy(policy: Policy | DepthPolicy | None, num_layers: int, groups: Ite
     return policy.validate(num_layers, groups)
 
 
+def front_end_groups(groups: Mapping[str, Number], policy: Policy | DepthPolicy | None,
+                     num_images: int = 1) -> dict[str, Number]:
+    """Group sizes after a policy's ``n_v`` front end: ``vision`` capped at ``n_v`` per image."""
+    groups = dict(groups)
+    n_v = getattr(policy, "n_v", None)
+    if n_v is not None and VISION in groups:
+        groups[VISION] = min(groups[VISION], n_v * num_images)
+    return groups
+
+
 def _schedule(
     num_layers: int, groups: Mapping[str, Number], schedule: Sequence[Mapping[str, Number]] | None
 ) -> list[dict[str, Number]]:
@@ -326,16 +336,18 @@ def layer_rows(
     *,
     schedule: Sequence[Mapping[str, Number]] | None = None,
     count_groups: Iterable[str] | None = None,
+    num_images: int = 1,
 ) -> list[dict[str, Number]]:
     """Per layer ``{"n_q", "n_kv", "n_mlp"}``: rows of each op type that run.
 
     ``groups`` are the prompt's group sizes; ``schedule`` (one mapping per layer) overrides them per
     layer (token-level methods, see ``progressive_schedule``); a group pruned by ``policy`` for a
     type at a layer drops out of that type's count. ``count_groups`` restricts the count to some
-    groups (the ``pdrop`` convention counts visual rows only). ``num_layers`` may be a config.
+    groups (the ``pdrop`` convention counts visual rows only). ``num_layers`` may be a config. A
+    policy's ``n_v`` caps ``vision`` at ``n_v`` per image (``num_images``).
     """
     n_layers = _num_layers(num_layers)
-    groups = _check_counts(groups)
+    groups = front_end_groups(_check_counts(groups), policy, num_images)
     pol = _as_policy(policy, n_layers, groups)
     keep = set(groups) if count_groups is None else set(count_groups)
     rows = []
@@ -528,14 +540,14 @@ def flops_breakdown(
     else:
         if groups is None:
             raise FlopsError("count_flops needs groups (e.g. {'system': 35, 'vision': 576, ...}) or rows")
-        groups = _check_counts(groups)
+        groups = front_end_groups(_check_counts(groups), policy, num_images)  # n_v: fewer visual rows
         count: Iterable[str] | None = None
         if conv.vision_only:
             count = frozenset(vision_groups) if vision_groups is not None else _default_vision_groups(groups)
             if not count & set(groups):
                 raise FlopsError(f"the {conv.name!r} convention counts visual rows only, but no visual "
                                  f"group is in groups {sorted(groups)}; pass vision_groups=")
-        per_layer = layer_rows(L, groups, policy, schedule=schedule, count_groups=count)
+        per_layer = layer_rows(L, groups, policy, schedule=schedule, count_groups=count, num_images=num_images)
         triples = [(r["n_q"], r["n_kv"], r["n_mlp"]) for r in per_layer]
         prompt_rows = sum(n for g, n in groups.items() if count is None or g in count)
     layers = [_layer_flops(shape, conv, i, *t) for i, t in enumerate(triples)]

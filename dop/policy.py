@@ -3,6 +3,10 @@
 ``Policy`` is a set of pruned operations (the identity prunes nothing). ``DepthPolicy`` is the
 paper's depth-wise form: one depth per (type, group) pair, every layer >= depth pruned; it expands
 to a ``Policy`` and adds the dead operations that a pruned key/value side makes free.
+
+Both may carry DOP's front end ``n_v``: the visual tokens per image that a pre-LLM reducer
+(``reducer``, a ``pre_llm`` method of ``dop.baselines``; VisPruner by default) keeps before the
+decoder. The policy's operations then act on the ``n_v`` kept tokens (``dop.front_end``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,20 @@ from dop.ops import INSTRUCTION, OP_TYPES, Operation, OpType, as_op_type
 # Groups whose rows' outputs are read (the last prompt position sits in `instruction`): their
 # q/mlp ops never become dead, whatever their kv side does.
 DEFAULT_OUTPUT_GROUPS: tuple[str, ...] = (INSTRUCTION,)
+DEFAULT_REDUCER = "vispruner"  # the paper's n_v front end for LLaVA-NeXT / InternVL3
+
+
+def check_front_end(n_v: Any, reducer: Any) -> tuple[int | None, str | None]:
+    """``(n_v, reducer)`` validated; the reducer defaults to VisPruner when ``n_v`` is set."""
+    if n_v is None:
+        if reducer is not None:
+            raise PolicyError(f"policy reducer={reducer!r} without n_v: set n_v (visual tokens kept per image)")
+        return None, None
+    if isinstance(n_v, bool) or not isinstance(n_v, int) or n_v < 0:
+        raise PolicyError(f"policy n_v must be a non-negative int (visual tokens kept per image), got {n_v!r}")
+    if reducer is not None and not isinstance(reducer, str):
+        raise PolicyError(f"policy reducer must be a pre-LLM method name (e.g. 'vispruner'), got {reducer!r}")
+    return n_v, reducer or DEFAULT_REDUCER
 
 
 class PolicyError(ValueError):
@@ -31,7 +49,8 @@ class Policy:
     """A set of pruned ``Operation``s, optionally tagged with the model it was made for.
 
     ``Policy()`` is the identity. ``num_layers`` and ``model`` (a model id) are metadata used by
-    ``validate`` to refuse a policy made for another model.
+    ``validate`` to refuse a policy made for another model. ``n_v``/``reducer``: the front end
+    (module docstring); ``None`` keeps every visual token.
     """
 
     def __init__(
@@ -41,6 +60,8 @@ class Policy:
         num_layers: int | None = None,
         model: str | None = None,
         meta: Mapping[str, Any] | None = None,
+        n_v: int | None = None,
+        reducer: str | None = None,
     ) -> None:
         ops = frozenset(ops)
         for op in ops:
@@ -50,6 +71,8 @@ class Policy:
         self.num_layers = num_layers
         self.model = model
         self.meta: dict[str, Any] = dict(meta or {})
+        self.n_v, self.reducer = check_front_end(n_v, reducer)
+        self._reducer_method: Any = None
         index: dict[tuple[int, OpType], set[str]] = {}
         for op in ops:
             index.setdefault((op.layer, op.type), set()).add(op.group)
@@ -70,21 +93,45 @@ class Policy:
         return op in self._ops
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Policy) and self._ops == other._ops
+        return (isinstance(other, Policy) and self._ops == other._ops
+                and (self.n_v, self.reducer) == (other.n_v, other.reducer))
 
     def __hash__(self) -> int:
-        return hash(self._ops)
+        return hash((self._ops, self.n_v, self.reducer))
 
     def __or__(self, other: Policy) -> Policy:
+        fronts = {(p.n_v, p.reducer) for p in (self, other) if p.n_v is not None}
+        if len(fronts) > 1:
+            raise PolicyError(f"cannot combine policies with different front ends {sorted(fronts)}")
+        n_v, reducer = fronts.pop() if fronts else (None, None)
         return Policy(self._ops | other._ops, num_layers=self.num_layers or other.num_layers,
-                      model=self.model or other.model, meta={**other.meta, **self.meta})
+                      model=self.model or other.model, meta={**other.meta, **self.meta}, n_v=n_v, reducer=reducer)
 
     def __repr__(self) -> str:
-        return f"Policy({len(self._ops)} ops, groups={sorted(self.groups)}, num_layers={self.num_layers})"
+        front = f", n_v={self.n_v} ({self.reducer})" if self.n_v is not None else ""
+        return f"Policy({len(self._ops)} ops, groups={sorted(self.groups)}, num_layers={self.num_layers}{front})"
 
     @property
     def is_identity(self) -> bool:
-        return not self._ops
+        """Nothing pruned and no front end: the model's own forward."""
+        return not self._ops and self.n_v is None
+
+    def front_end(self) -> Any:
+        """The ``n_v`` reducer (a ``dop.baselines`` pre-LLM method instance, one per policy: a
+        text-guided reducer keeps its encoded instruction between ``prepare_inputs`` and ``apply``),
+        or ``None`` without ``n_v``."""
+        if self.n_v is None:
+            return None
+        if self._reducer_method is None:
+            from dop.baselines import get_method
+
+            method = get_method(self.reducer)
+            if method.kind != "pre_llm":
+                raise PolicyError(f"policy reducer {self.reducer!r} is a {method.kind} method; n_v needs a "
+                                  "pre-LLM reducer (fastervlm, visionzip, prumerge_plus, trim, divprune, "
+                                  "vispruner, cdpruner)")
+            self._reducer_method = method
+        return self._reducer_method
 
     @property
     def groups(self) -> frozenset[str]:
@@ -121,7 +168,7 @@ class Policy:
                 added.add(Operation(layer, group, OpType.Q))
                 added.add(Operation(layer, group, OpType.MLP))
         return Policy(self._ops | added, num_layers=self.num_layers or num_layers,
-                      model=self.model, meta=self.meta)
+                      model=self.model, meta=self.meta, n_v=self.n_v, reducer=self.reducer)
 
     # --- validation ----------------------------------------------------------------------------
     def validate(
@@ -161,6 +208,8 @@ class Policy:
             pruned.setdefault(op.group, {}).setdefault(op.type.value, []).append(op.layer)
         doc: dict[str, Any] = {"kind": "policy", "num_layers": self.num_layers, "model": self.model,
                                "pruned": pruned}
+        if self.n_v is not None:
+            doc.update(n_v=self.n_v, reducer=self.reducer)
         if self.meta:
             doc["meta"] = self.meta
         return doc
@@ -188,10 +237,11 @@ class Policy:
                 op_type = as_op_type(type_)
                 for layer in layers:
                     ops.append(Operation(int(layer), str(group), op_type))
-        unknown = set(doc) - {"kind", "num_layers", "model", "pruned", "ops", "meta"}
+        unknown = set(doc) - {"kind", "num_layers", "model", "pruned", "ops", "meta", "n_v", "reducer"}
         if unknown:
             raise PolicyError(f"unknown policy field(s) {sorted(unknown)}")
-        return cls(ops, num_layers=doc.get("num_layers"), model=doc.get("model"), meta=doc.get("meta"))
+        return cls(ops, num_layers=doc.get("num_layers"), model=doc.get("model"), meta=doc.get("meta"),
+                   n_v=doc.get("n_v"), reducer=doc.get("reducer"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -211,8 +261,10 @@ class Policy:
         return cls.from_dict(_load_yaml(path_or_text))
 
     def digest(self) -> str:
-        """Stable short hash of the pruned set (metadata excluded)."""
+        """Stable short hash of the pruned set and the front end (metadata excluded)."""
         canon = json.dumps(sorted([op.layer, op.group, op.type.value] for op in self._ops))
+        if self.n_v is not None:  # without a front end the digest is what it always was
+            canon += json.dumps({"n_v": self.n_v, "reducer": self.reducer})
         return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
@@ -237,7 +289,8 @@ class DepthPolicy:
     """One pruning depth per (type, group) pair: every layer >= depth is pruned for that pair.
 
     ``DepthPolicy({("kv", "vision"): 12, ("mlp", "vision"): 6})``; a depth equal to the number of
-    layers prunes nothing. The type ``"attn"`` ties ``q`` and ``kv`` to one depth.
+    layers prunes nothing. The type ``"attn"`` ties ``q`` and ``kv`` to one depth. ``n_v`` (and
+    ``reducer``) is the front-end parameter, searched jointly with the depths.
     """
 
     def __init__(
@@ -246,6 +299,8 @@ class DepthPolicy:
         *,
         num_layers: int | None = None,
         model: str | None = None,
+        n_v: int | None = None,
+        reducer: str | None = None,
     ) -> None:
         parsed: dict[tuple[str, str], int] = {}
         for key, depth in depths.items():
@@ -258,16 +313,20 @@ class DepthPolicy:
         self.depths = parsed
         self.num_layers = num_layers
         self.model = model
+        self.n_v, self.reducer = check_front_end(n_v, reducer)
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{t}/{g}={d}" for (t, g), d in sorted(self.depths.items()))
+        if self.n_v is not None:
+            inner += f"{', ' if inner else ''}n_v={self.n_v} ({self.reducer})"
         return f"DepthPolicy({inner})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, DepthPolicy) and self.depths == other.depths
+        return (isinstance(other, DepthPolicy) and self.depths == other.depths
+                and (self.n_v, self.reducer) == (other.n_v, other.reducer))
 
     def __hash__(self) -> int:
-        return hash(tuple(sorted(self.depths.items())))
+        return hash((tuple(sorted(self.depths.items())), self.n_v, self.reducer))
 
     def depth(self, type: OpType | str, group: str, default: int | None = None) -> int | None:
         return self.depths.get((as_op_type(type).value, group), default)
@@ -293,22 +352,26 @@ class DepthPolicy:
                 )
             ops.extend(Operation(layer, group, type_) for layer in range(depth, num_layers))
         meta = {"depths": self.to_dict()["depths"]}
-        policy = Policy(ops, num_layers=num_layers, model=self.model, meta=meta)
+        policy = Policy(ops, num_layers=num_layers, model=self.model, meta=meta, n_v=self.n_v, reducer=self.reducer)
         return policy.with_dead_ops(num_layers, output_groups) if dead_ops else policy
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "kind": "depth_policy",
             "num_layers": self.num_layers,
             "model": self.model,
             "depths": {f"{t}/{g}": d for (t, g), d in sorted(self.depths.items())},
         }
+        if self.n_v is not None:
+            doc.update(n_v=self.n_v, reducer=self.reducer)
+        return doc
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> DepthPolicy:
         if "depths" not in doc or not isinstance(doc["depths"], Mapping):
             raise PolicyError("a depth policy document needs a 'depths' mapping of 'type/group': depth")
-        return cls(dict(doc["depths"]), num_layers=doc.get("num_layers"), model=doc.get("model"))
+        return cls(dict(doc["depths"]), num_layers=doc.get("num_layers"), model=doc.get("model"),
+                   n_v=doc.get("n_v"), reducer=doc.get("reducer"))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -320,7 +383,8 @@ class DepthPolicy:
     def from_yaml(cls, path_or_text: str | Path) -> DepthPolicy:
         doc = _load_yaml(path_or_text)
         if isinstance(doc, Mapping) and "meta" in doc and "depths" in (doc["meta"] or {}):
-            return cls(doc["meta"]["depths"], num_layers=doc.get("num_layers"), model=doc.get("model"))
+            return cls(doc["meta"]["depths"], num_layers=doc.get("num_layers"), model=doc.get("model"),
+                       n_v=doc.get("n_v"), reducer=doc.get("reducer"))
         return cls.from_dict(doc)
 
     def pairs(self) -> list[tuple[str, str]]:

@@ -20,6 +20,11 @@ setting with Pareto dominance and two admissible bounds (``solve_exact``):
 
 Per-layer costs come from ``dop.flops.count_flops`` itself (``CostModel.from_flops`` probes it per
 layer and per op, then checks the fitted model against ``count_flops`` on random policies).
+
+The front end ``n_v`` (``dop.front_end``) is searched jointly (``solve_joint``): its values are few,
+so for each one the depths are solved exactly with the cost model of ``n_v`` visual tokens, under
+the same budget (a fraction of the *unreduced* dense cost), and the policy with the least total
+predicted KL (depth terms + the ``n_v`` term, additive like the rest) wins.
 """
 
 from __future__ import annotations
@@ -272,9 +277,12 @@ class Solution:
     predicted_kl: float
     flops: float
     stats: dict[str, Any] = field(default_factory=dict)
+    n_v: int | None = None  # the front end's kept visual tokens per image (None: all)
+    reducer: str | None = None
 
     def depth_policy(self, num_layers: int | None = None, model: str | None = None) -> DepthPolicy:
-        return DepthPolicy(dict(self.depths), num_layers=num_layers, model=model)
+        return DepthPolicy(dict(self.depths), num_layers=num_layers, model=model, n_v=self.n_v,
+                           reducer=self.reducer)
 
 
 class _Dag:
@@ -502,6 +510,44 @@ def solve_exact(
 # --------------------------------------------------------------------------------------------
 # Baseline solver and the approximation check
 # --------------------------------------------------------------------------------------------
+def solve_joint(
+    solve: Callable[[Any, CostModel, float], Solution],
+    curves: Any,
+    nv_curve: Mapping[int, float],
+    cost_at: Callable[[int], CostModel],
+    budget_flops: float,
+    *,
+    full: int,
+    reducer: str | None = None,
+) -> Solution:
+    """Depths and ``n_v`` jointly: ``solve`` the depths for every ``n_v`` of ``nv_curve`` (its KL per
+    value; ``full`` = no reduction) with ``cost_at(n_v)``, keep the least total predicted KL. Ties go
+    to the larger ``n_v``. Exact whenever ``solve`` is (the ``n_v`` axis is enumerated)."""
+    best: tuple[float, Solution, int] | None = None
+    cheapest = math.inf
+    tried = {}
+    for v in sorted(nv_curve, reverse=True):
+        try:
+            sol = solve(curves, cost_at(v), budget_flops)
+        except InfeasibleBudgetError as e:
+            cheapest = min(cheapest, e.min_flops)
+            tried[v] = None
+            continue
+        total = sol.predicted_kl + float(nv_curve[v])
+        tried[v] = total
+        if best is None or total < best[0]:
+            best = (total, sol, v)
+    if best is None:
+        raise InfeasibleBudgetError(
+            f"no depth policy at any n_v in {sorted(nv_curve)} fits {budget_flops:.6g} FLOPs; the cheapest "
+            f"reachable is {cheapest:.6g}", cheapest)
+    total, sol, v = best
+    stats = {**sol.stats, "depth_kl": sol.predicted_kl, "n_v_kl": float(nv_curve[v]),
+             "n_v_candidates": {str(k): t for k, t in sorted(tried.items())}}
+    return Solution(sol.depths, total, sol.flops, stats, n_v=None if v >= full else v,
+                    reducer=None if v >= full else reducer)
+
+
 def greedy_search(
     curves: Mapping[Pair, Sequence[float]] | np.ndarray,
     cost: CostModel,
@@ -831,6 +877,20 @@ def search_job(job: Any, cfg: Any) -> dict[str, Any]:
     groups = job.flops_groups()
     convention = str(method.get("convention", "dop"))
     cost = CostModel.from_flops(job.text_config, groups, job.pairs, convention=convention)
+    nv = job.nv_curve() if getattr(job, "nv_grid", None) else {}  # the front end's KL per n_v
+    if nv and objective == "accuracy":
+        raise SearchError("method.n_v is searched on the KL objective (its curve comes from the sweep); "
+                          "set method.n_v=null with objective=accuracy")
+    nv_costs: dict[int, CostModel] = {}
+
+    def cost_at(n_v: int) -> CostModel:
+        from dop.flops import front_end_groups
+
+        if n_v not in nv_costs:
+            reduced = front_end_groups(groups, Policy(n_v=n_v))
+            nv_costs[n_v] = cost if reduced == groups else CostModel.from_flops(
+                job.text_config, reduced, job.pairs, convention=convention)
+        return nv_costs[n_v]
 
     def tokens_to_flops(k: float) -> float:
         return flops_for_tokens(job.text_config, groups, k, convention=convention)
@@ -857,10 +917,15 @@ def search_job(job: Any, cfg: Any) -> dict[str, Any]:
                                "pairs": [pair_key(p) for p in job.pairs], "convention": convention,
                                "dense_flops": cost.dense, "fingerprint": fp, "solver": solver,
                                "objective": objective, "budgets": {}}
+    if nv:
+        results["n_v"] = {"reducer": job.reducer, "curve": {str(v): k for v, k in sorted(nv.items())}}
     policies: dict[str, Policy] = {}
     for budget in budgets:
-        target = resolve_budget(budget, cost, tokens_to_flops)
-        sol = solve(curves, cost, target)
+        target = resolve_budget(budget, cost, tokens_to_flops)  # a fraction of the unreduced dense cost
+        if nv:
+            sol = solve_joint(solve, curves, nv, cost_at, target, full=job.nv_full, reducer=job.reducer)
+        else:
+            sol = solve(curves, cost, target)
         depth_policy = sol.depth_policy(L, job.model_id)
         policy = depth_policy.expand(L)
         exact = count_flops(job.text_config, groups, policy, convention=convention)
@@ -869,11 +934,16 @@ def search_job(job: Any, cfg: Any) -> dict[str, Any]:
             "budget": {"kind": budget.kind, "value": budget.value, "flops": target},
             "depths": depth_policy.to_dict()["depths"],  # attn parameters appear as q and kv
             "parameters": {pair_key(p): d for p, d in sorted(sol.depths.items())},
+            "n_v": sol.n_v, "reducer": sol.reducer,
             "predicted_kl": sol.predicted_kl, "measured_kl": None,
             "flops": exact, "tflops": exact / 1e12, "ratio": exact / cost.dense,
             "equivalent_tokens": _equivalent_tokens(equivalent_tokens, job.text_config, groups, exact, convention),
             "solver_seconds": sol.stats.get("seconds"),
         }
+        if nv:
+            results["budgets"][budget.name].update(
+                depth_kl=sol.stats["depth_kl"], n_v_kl=sol.stats["n_v_kl"],
+                n_v_candidates=sol.stats["n_v_candidates"])
         if objective == "accuracy":
             results["budgets"][budget.name].update(
                 calibration_accuracy=sol.stats["accuracy"], dense_calibration_accuracy=sol.stats["dense_accuracy"],
@@ -881,8 +951,13 @@ def search_job(job: Any, cfg: Any) -> dict[str, Any]:
     # one Lightning predict scores every found policy and the additive-check policies
     checks = random_depth_policies(job.pairs, L, int(method.get("check_additive", 0) or 0),
                                    seed=int(cfg.get("seed", 0))) if curves is not None else []
+    # with a front end, each check policy also draws an n_v (None: the full count)
+    rng = np.random.default_rng(int(cfg.get("seed", 0)) + 1)
+    check_nv = [int(rng.choice(sorted(nv))) if nv else None for _ in checks]
+    check_nv = [None if v is None or v >= job.nv_full else v for v in check_nv]
     to_measure = dict(policies) if method.get("measure", True) else {}
-    to_measure.update({f"check_{i}": DepthPolicy(d).expand(L) for i, d in enumerate(checks)})
+    to_measure.update({f"check_{i}": DepthPolicy(d, n_v=v, reducer=job.reducer if v is not None else None).expand(L)
+                       for i, (d, v) in enumerate(zip(checks, check_nv))})
     measured = job.measure_many(to_measure) if to_measure else {}
     for name, policy in policies.items():
         entry = results["budgets"][name]
@@ -890,15 +965,19 @@ def search_job(job: Any, cfg: Any) -> dict[str, Any]:
         policy.meta = {**policy.meta, "budget": entry["budget"], "predicted_kl": entry["predicted_kl"],
                        "measured_kl": entry["measured_kl"], "flops": entry["flops"], "ratio": entry["ratio"],
                        "fingerprint": fp, "objective": objective, "solver": solver}
+        if nv:
+            policy.meta.update(depth_kl=entry["depth_kl"], n_v_kl=entry["n_v_kl"])
         if objective == "accuracy":
             policy.meta["calibration_accuracy"] = entry["calibration_accuracy"]
         path = run_dir / "policies" / f"{name}.yaml"
         policy.to_yaml(path)
         entry["policy"] = str(path)
-        log.info("budget %s: predicted KL %s, measured %s, %.3f of dense, depths %s", name,
-                 entry["predicted_kl"], entry["measured_kl"], entry["ratio"], entry["depths"])
+        log.info("budget %s: predicted KL %s, measured %s, %.3f of dense, depths %s%s", name,
+                 entry["predicted_kl"], entry["measured_kl"], entry["ratio"], entry["depths"],
+                 f", n_v {entry['n_v']} ({entry['reducer']})" if entry["n_v"] is not None else "")
     if checks and curves is not None:
-        pts = [(predict_kl(curves, d), measured[f"check_{i}"]) for i, d in enumerate(checks)]
+        pts = [(predict_kl(curves, d) + (nv[v] if v is not None else 0.0), measured[f"check_{i}"])
+               for i, (d, v) in enumerate(zip(checks, check_nv))]
         results["additive_check"] = {**check_additive(pts), "points": pts}
     atomic_write_json(run_dir / "search.json", results, indent=2, default=float)
     _log_tracking(cfg, run_dir, results, policies)

@@ -13,6 +13,10 @@ goes further for q and mlp points: the attention half of layer ``depth`` is dens
 point keeps, so layer ``depth`` is computed here from the dense post-attention state (MLP only) and
 the engine starts at ``depth + 1``; and a q/mlp point at the last layer for a group holding no scored
 position cannot change a scored logit (KL is exactly 0, nothing runs).
+
+The front end ``n_v`` (``dop.front_end``) is one more curve: an ``NvPoint`` per configured value, the
+decoder dense on the ``n_v`` tokens the reducer keeps, stored at ``<run>/sweep/n_v_<reducer>/<n_v>.json``.
+Its sequence is shorter from layer 0 on, so it runs whole (no prefix reuse).
 """
 
 from __future__ import annotations
@@ -64,8 +68,47 @@ class SweepPoint:
     def key(self) -> str:
         return f"{pair_key(self.pair)}/{self.depth}"
 
+    @property
+    def folder(self) -> str:
+        return pair_key(self.pair)
+
+    @property
+    def value(self) -> int:
+        return self.depth
+
     def policy(self, num_layers: int, output_groups: Iterable[str] = DEFAULT_OUTPUT_GROUPS) -> Policy:
         return DepthPolicy({self.pair: self.depth}).expand(num_layers, output_groups=output_groups)
+
+
+NV_PREFIX = "n_v_"  # store folder of a front-end curve: n_v_<reducer>
+
+
+@dataclass(frozen=True, order=True)
+class NvPoint:
+    """One point of the ``n_v`` curve: every operation dense, ``n_v`` visual tokens per image kept by
+    ``reducer`` (``dop.front_end``)."""
+
+    reducer: str
+    n_v: int
+    type = "n_v"
+
+    @property
+    def folder(self) -> str:
+        return f"{NV_PREFIX}{self.reducer}"
+
+    @property
+    def value(self) -> int:
+        return self.n_v
+
+    @property
+    def key(self) -> str:
+        return f"{self.folder}/{self.n_v}"
+
+    def policy(self, num_layers: int, output_groups: Iterable[str] = DEFAULT_OUTPUT_GROUPS) -> Policy:
+        return Policy(num_layers=num_layers, n_v=self.n_v, reducer=self.reducer)
+
+
+AnyPoint = SweepPoint | NvPoint
 
 
 def grid_depths(num_layers: int, step: int = 1) -> list[int]:
@@ -92,37 +135,42 @@ class SweepStore:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
 
-    def path(self, point: SweepPoint) -> Path:
-        return self.root / pair_key(point.pair) / f"{point.depth}.json"
+    def path(self, point: AnyPoint) -> Path:
+        return self.root / point.folder / f"{point.value}.json"
 
-    def read(self, point: SweepPoint, fingerprint: str | None = None) -> dict | None:
+    def read(self, point: AnyPoint, fingerprint: str | None = None) -> dict | None:
         """The point's record, ``None`` if absent; a corrupt file is an error naming it."""
         path = self.path(point)
         if not path.exists():
             return None
         return _read_point(path, fingerprint)
 
-    def write(self, point: SweepPoint, record: Mapping[str, Any]) -> None:
-        atomic_write_json(self.path(point), {**record, "type": point.type, "group": point.group,
-                                              "depth": point.depth})
+    def write(self, point: AnyPoint, record: Mapping[str, Any]) -> None:
+        where = ({"n_v": point.n_v, "reducer": point.reducer} if isinstance(point, NvPoint)
+                 else {"group": point.group, "depth": point.depth})
+        atomic_write_json(self.path(point), {**record, "type": point.type, **where})
 
-    def has(self, point: SweepPoint, fingerprint: str | None = None) -> bool:
+    def has(self, point: AnyPoint, fingerprint: str | None = None) -> bool:
         return self.read(point, fingerprint) is not None
 
-    def points(self) -> list[SweepPoint]:
+    def points(self) -> list[AnyPoint]:
         """Every point file present."""
-        out = []
+        out: list[AnyPoint] = []
         if not self.root.exists():
             return out
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            try:
-                t, g = parse_pair(folder.name)
-            except (SearchError, ValueError):
-                continue
+            if folder.name.startswith(NV_PREFIX):
+                reducer, pair = folder.name[len(NV_PREFIX):], None
+            else:
+                try:
+                    reducer, pair = None, parse_pair(folder.name)
+                except (SearchError, ValueError):
+                    continue
             for f in folder.glob("*.json"):
                 if f.stem.isdigit():
-                    out.append(SweepPoint(t, g, int(f.stem)))
-        return sorted(out)
+                    v = int(f.stem)
+                    out.append(NvPoint(reducer, v) if pair is None else SweepPoint(*pair, v))
+        return sorted(out, key=lambda p: p.key)
 
     def meta(self) -> dict | None:
         path = self.root / "meta.json"
@@ -148,6 +196,16 @@ class SweepStore:
     def curve_points(self, pair: Pair, fingerprint: str | None = None) -> dict[int, float]:
         out = {}
         folder = self.root / pair_key(pair)
+        if folder.exists():
+            for f in folder.glob("*.json"):
+                if f.stem.isdigit():
+                    out[int(f.stem)] = float(_read_point(f, fingerprint)["kl"])
+        return out
+
+    def nv_curve(self, reducer: str, fingerprint: str | None = None) -> dict[int, float]:
+        """KL per measured ``n_v`` of ``reducer`` (no interpolation: the search uses these values)."""
+        folder = self.root / f"{NV_PREFIX}{reducer}"
+        out = {}
         if folder.exists():
             for f in folder.glob("*.json"):
                 if f.stem.isdigit():
@@ -239,9 +297,11 @@ class PointScorer:
         return self.adapter.token_groups(batch.inputs["input_ids"], batch.inputs.get("attention_mask"))
 
     @torch.no_grad()
-    def score_point(self, point: SweepPoint) -> dict[str, Any]:
+    def score_point(self, point: AnyPoint) -> dict[str, Any]:
         """Mean KL of a single-change point over the calibration set, with its compute count."""
         Lyr = self.num_layers
+        if isinstance(point, NvPoint):
+            return self._score_nv(point)
         if point.depth > Lyr or point.depth < 0:
             raise SweepError(f"point {point.key}: depth outside 0..{Lyr}")
         names = self.adapter.group_names
@@ -263,6 +323,17 @@ class PointScorer:
         return {"kl": float(np.mean(per_sample)), "kl_per_sample": per_sample, "layer_forwards": spent,
                 "naive_layer_forwards": naive}
 
+    def _score_nv(self, point: NvPoint) -> dict[str, Any]:
+        per_sample: list[float] = []
+        for b, batch in enumerate(self.reference.batches):
+            kl, _ = self._score_batch(b, batch, point.policy(self.num_layers), None)
+            per_sample.extend(kl.tolist())
+        spent = naive = self.num_layers * len(self.reference.batches)  # whole forwards, no reuse
+        self.layer_forwards += spent
+        self.naive_layer_forwards += naive
+        return {"kl": float(np.mean(per_sample)), "kl_per_sample": per_sample, "layer_forwards": float(spent),
+                "naive_layer_forwards": naive}
+
     @torch.no_grad()
     def score_policy(self, policy: Policy) -> float:
         """Mean KL of any policy (prefix reuse up to its shallowest op)."""
@@ -275,6 +346,8 @@ class PointScorer:
     def _score_batch(self, b: int, batch: CalibrationBatch, policy: Policy, point: SweepPoint | None):
         device = self.device
         rows = batch.score_mask.nonzero(as_tuple=True)[0].to(device)
+        if policy.n_v is not None:  # a shorter sequence from layer 0 on: no dense prefix applies
+            return self._run(front_end_batch(self.model, batch, policy), policy, None, rows, b)
         start = min((op.layer for op in policy), default=self.num_layers)
         Lyr = self.num_layers
         if start >= Lyr:  # identity: the reference itself
@@ -320,6 +393,19 @@ class PointScorer:
         return kl.cpu(), used
 
 
+def front_end_batch(model: nn.Module, batch: CalibrationBatch, policy: Policy) -> CalibrationBatch:
+    """The batch a policy with ``n_v`` runs on: fewer image placeholders, the same scored positions
+    (left padding keeps every row's tail, where the answer positions are, at the end)."""
+    from dop.front_end import prepare_inputs
+
+    inputs = dict(prepare_inputs(model, batch.inputs, policy))
+    T, T_new = batch.score_mask.shape[1], inputs["input_ids"].shape[1]
+    mask = batch.score_mask[:, T - T_new:]
+    if T_new > T or int(mask.sum()) != int(batch.score_mask.sum()):
+        raise SweepError(f"n_v={policy.n_v}: the reduced prompt lost scored positions (padding must be left)")
+    return CalibrationBatch(inputs, mask, batch.sample_ids)
+
+
 def _llama_recipe(layer: nn.Module) -> bool:
     """Pre-norm residual attention + MLP (Llama, Qwen2/2.5-VL, InternVL's Qwen2): the half-layer
     shortcut reproduces exactly what such a layer computes after attention."""
@@ -357,7 +443,7 @@ class SweepModule(L.LightningModule):
         out = []
         for item in batch:
             t0 = time.perf_counter()
-            if isinstance(item, SweepPoint):
+            if isinstance(item, (SweepPoint, NvPoint)):
                 record = self.scorer.score_point(item)
                 record.update(fingerprint=self.fingerprint, seconds=time.perf_counter() - t0)
                 if self.store is not None:
@@ -394,6 +480,8 @@ class SweepJob:
         prune_fn: PruneFn | None = None,
         sweep_dir: str | os.PathLike | None = None,
         flops_groups: Mapping[str, float] | None = None,
+        n_v: Sequence[int] | None = None,
+        reducer: str | None = None,
     ) -> None:
         from dop.adapters import get_adapter
         from dop.divergence import fingerprint, weights_checksum
@@ -418,6 +506,16 @@ class SweepJob:
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.prune_fn = prune_fn
         self._flops_groups = dict(flops_groups) if flops_groups else None
+        # the n_v front end: its grid (configured values below the full count, and the full count)
+        self.reducer: str | None = None
+        self.nv_grid: list[int] = []
+        if n_v:
+            from dop.front_end import nv_values, tokens_per_image
+            from dop.policy import DEFAULT_REDUCER
+
+            self.reducer = str(reducer or DEFAULT_REDUCER)
+            self.nv_full = tokens_per_image(model, self.reducer)
+            self.nv_grid = nv_values(list(n_v), self.nv_full)
         dtype = next(model.parameters()).dtype
         ids = [i for b in batches for i in b.sample_ids]
         fp = fingerprint(model_id, ids, dtype, weights=weights_checksum(model), response_tokens=response_tokens)
@@ -431,13 +529,28 @@ class SweepJob:
     def text_config(self) -> Any:
         return self.adapter.text_config()
 
-    def points(self) -> list[SweepPoint]:
-        return sweep_points(self.pairs, self.num_layers, self.grid_step)
+    def points(self) -> list[AnyPoint]:
+        nv = [NvPoint(self.reducer, v) for v in self.nv_grid if v < self.nv_full]
+        return [*sweep_points(self.pairs, self.num_layers, self.grid_step), *nv]
+
+    def nv_curve(self) -> dict[int, float]:
+        """KL per ``n_v`` of the grid (the full count is dense: 0); empty without a front end."""
+        if not self.nv_grid:
+            return {}
+        have = self.store.nv_curve(self.reducer, self.reference.fingerprint)
+        missing = [v for v in self.nv_grid if v < self.nv_full and v not in have]
+        if missing:
+            raise SweepError(f"sweep store {self.store.root} has no n_v point {missing[0]} for reducer "
+                             f"{self.reducer!r}; run the sweep")
+        return {v: (0.0 if v >= self.nv_full else have[v]) for v in self.nv_grid}
 
     def meta(self) -> dict[str, Any]:
-        return {"fingerprint": self.reference.fingerprint, "model": self.model_id, "num_layers": self.num_layers,
+        meta = {"fingerprint": self.reference.fingerprint, "model": self.model_id, "num_layers": self.num_layers,
                 "pairs": [pair_key(p) for p in self.pairs], "grid": grid_depths(self.num_layers, self.grid_step),
                 "sample_ids": self.reference.sample_ids}
+        if self.nv_grid:
+            meta.update(n_v=[v for v in self.nv_grid if v < self.nv_full], reducer=self.reducer)
+        return meta
 
     def _make_scorer(self, model: nn.Module) -> PointScorer:
         device = next(model.parameters()).device
@@ -534,9 +647,20 @@ class SweepJob:
                    hidden_store=str(sweep.get("hidden_store", "memory")), shard=int(sweep.get("shard", 0)),
                    num_shards=int(sweep.get("num_shards", 1)), response_tokens=response_tokens,
                    trainer_kwargs=trainer, flops_groups=dict(groups) if groups else None,
-                   sweep_dir=sweep.get("dir"))
+                   sweep_dir=sweep.get("dir"), n_v=_configured_nv(method), reducer=method.get("reducer"))
         job.processor, job.calibration_samples = processor, samples  # for dop.search objective=accuracy
         return job
+
+
+def _configured_nv(method: Any) -> list[int] | None:
+    """``method.n_v``: null (no front end) or the candidate values of the joint search."""
+    values = method.get("n_v")
+    if values is None:
+        return None
+    if isinstance(values, (int, float, str)):
+        raise SweepError(f"method.n_v must be a list of candidate token counts, e.g. [576, 288, 192, 128, 64], "
+                         f"got {values!r}")
+    return [int(v) if isinstance(v, (int, float)) and float(v).is_integer() else v for v in values]
 
 
 def _configured_pairs(method: Any) -> list[Pair] | None:
@@ -610,7 +734,8 @@ def merge_stores(target: SweepStore, sources: Sequence[str | os.PathLike]) -> di
     meta = target.meta()
     if meta is None:
         raise SweepError("nothing to merge: no shard stores given and no store here")
-    expected = [SweepPoint(*parse_pair(k), d) for k in meta["pairs"] for d in meta["grid"]]
+    expected: list[AnyPoint] = [SweepPoint(*parse_pair(k), d) for k in meta["pairs"] for d in meta["grid"]]
+    expected += [NvPoint(meta["reducer"], v) for v in meta.get("n_v") or []]
     missing = [p.key for p in expected if target.read(p, meta["fingerprint"]) is None]
     return {"copied": copied, "points": len(expected) - len(missing), "missing": missing,
             "complete": not missing, "fingerprint": meta["fingerprint"]}

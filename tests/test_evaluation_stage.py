@@ -75,3 +75,34 @@ def test_failing_benchmark_keeps_the_others(env, monkeypatch):
         stage.run(cfg)
     (rec,) = ResultsStore(root / "results_fail").records()
     assert rec.benchmark == "synthetic"
+
+
+def test_stage_runs_a_policy_with_a_front_end(env):
+    """A policy with n_v runs through lmms-eval with its reducer: its record counts n_v visual tokens and
+    its per-sample answers equal the VisPruner baseline's at the same knob (the same code path)."""
+    pytest.importorskip("dop.engine")
+    import json
+
+    from dop.flops import count_flops
+    from dop.models import load_model
+    from dop.policy import Policy
+
+    root, model_dir, data = env
+    pdir = root / "nv_policies"
+    pdir.mkdir()
+    Policy(n_v=3).to_yaml(pdir / "tokens_3.yaml")
+    out = stage.run(_cfg(root, model_dir, data, policy=str(pdir), run="run_nv"))
+    (rec,) = [r for r in ResultsStore(root / "results").records(method="dop") if r.budget_kind == "tokens"]
+    model, _ = load_model(str(model_dir))
+    groups = rec.extra["groups"]
+    assert out["records"] and rec.tflops == pytest.approx(count_flops(model.config, {**groups, "vision": 3}) / 1e12)
+    cfg = _cfg(root, model_dir, data, run="run_vp")
+    cfg.method = {"name": "vispruner", "important_ratio": 0.5}
+    cfg.budget = {"kind": "tokens", "values": [3]}
+    stage.run(cfg)
+
+    def responses(run: str) -> list:
+        return [json.loads(line) for f in sorted((root / run / "samples").rglob("*.jsonl"))
+                for line in f.read_text().splitlines()]
+
+    assert len(responses("run_nv")) == 4 and responses("run_nv") == responses("run_vp")

@@ -130,7 +130,7 @@ class DopLMM(lmms):
         self.method = _check_method(str(method))
         if self.method == "policy" and self.policy is None:
             raise ValueError("dop plugin: method=policy needs policy=<policy.yaml>")
-        if self.method == "dense" and self.policy is not None and len(self.policy):
+        if self.method == "dense" and self.policy is not None and not self.policy.is_identity:
             raise ValueError("dop plugin: method=dense with a non-identity policy; drop one of them")
         is_baseline = self.method not in KNOWN_METHODS
         if is_baseline and self.policy is not None:
@@ -239,7 +239,8 @@ class DopLMM(lmms):
                 t0 = time.perf_counter()
                 texts = scoring.generate_texts(self.model, self.processor, images, prompts,
                                                max_new_tokens=max_new_tokens, until=until,
-                                               policy=self.active_policy, method=self.baseline, knob=self.knob)
+                                               policy=self.active_policy, method=self.baseline, knob=self.knob,
+                                               instructions=[requests[i].args[0] for i in chunk])
                 self.stats["model_seconds"] += time.perf_counter() - t0
                 self.stats["requests"] += len(chunk)
                 for i, text in zip(chunk, texts):
@@ -257,7 +258,7 @@ class DopLMM(lmms):
         """
         out: list[GenerationResult | None] = [None] * len(requests)
         for _, chunk in self._chunks(list(range(len(requests))), self.batch_size):
-            contexts, continuations, images = [], [], []
+            contexts, continuations, images, questions = [], [], [], []
             for i in chunk:
                 args = tuple(requests[i].args)
                 # Unconditional (mutual-information) requests carry only (context, continuation).
@@ -267,10 +268,12 @@ class DopLMM(lmms):
                 ims = self._doc_images(doc_to_visual, doc_id, task, split)
                 images.append(ims)
                 contexts.append(scoring.build_prompt(self.processor, context, num_images=len(ims)))
+                questions.append(str(context))
                 continuations.append(str(continuation))
             t0 = time.perf_counter()
             scores = scoring.continuation_logprobs(self.model, self.processor, images, contexts, continuations,
-                                                   policy=self.active_policy, method=self.baseline, knob=self.knob)
+                                                   policy=self.active_policy, method=self.baseline, knob=self.knob,
+                                                   instructions=questions)
             self.stats["model_seconds"] += time.perf_counter() - t0
             self.stats["requests"] += len(chunk)
             for i, (logprob, greedy) in zip(chunk, scores):

@@ -78,8 +78,8 @@ def encode(processor: Any, images: Sequence[Sequence[Any]], prompts: Sequence[st
 
 @contextlib.contextmanager
 def pruned(model: Any, policy: Any) -> Iterator[None]:
-    """``dop.engine.prune(model, policy)`` for a non-identity policy; nothing for dense."""
-    if policy is None or len(policy) == 0:
+    """``dop.engine.prune(model, policy)`` for a non-identity policy (``n_v`` included); nothing for dense."""
+    if policy is None or policy.is_identity:
         yield
         return
     from dop.engine import prune  # imported lazily: dense evaluation works without the engine
@@ -95,16 +95,27 @@ def running(model: Any, policy: Any = None, method: Any = None, knob: Any = None
         with pruned(model, policy):
             yield
         return
-    if policy is not None and len(policy):
+    if policy is not None and not policy.is_identity:
         raise ValueError("a policy and a baseline method cannot run together")
     with method.apply(model, knob):
         yield
 
 
-def prepare(model: Any, batch: Any, method: Any = None, knob: Any = None) -> Any:
-    """``method.prepare_inputs`` (pre-LLM methods shorten the prompt); the batch itself otherwise.
-    Called before entering ``running`` (the method's ``apply``), on every encoded batch."""
-    return batch if method is None else method.prepare_inputs(model, batch, knob)
+def prepare(model: Any, batch: Any, method: Any = None, knob: Any = None, policy: Any = None,
+            instructions: Sequence[str] | None = None) -> Any:
+    """``method.prepare_inputs`` (pre-LLM methods shorten the prompt), or the policy's ``n_v`` front
+    end (``dop.front_end``); the batch itself otherwise. Called before entering ``running``, on every
+    encoded batch. ``instructions`` (one question per row) reach text-guided methods (TRIM, CDPruner:
+    ``method.needs_text``) as ``inputs["instruction"]``."""
+    if method is not None:
+        if instructions is not None and getattr(method, "needs_text", False):
+            batch = {**batch, "instruction": list(instructions)}
+        return method.prepare_inputs(model, batch, knob)
+    if policy is not None and policy.n_v is not None:
+        from dop.front_end import prepare_inputs
+
+        return prepare_inputs(model, batch, policy)
+    return batch
 
 
 def cut_at_stops(text: str, until: Sequence[str]) -> str:
@@ -127,15 +138,17 @@ def generate_texts(
     policy: Any = None,
     method: Any = None,
     knob: Any = None,
+    instructions: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy continuations of one batch of prompts, cut at ``until``.
 
     ``method``/``knob``: a baseline (``dop.baselines``) instead of a policy; its ``prepare_inputs``
-    runs on the encoded batch and generation runs under its ``apply``.
+    runs on the encoded batch and generation runs under its ``apply``. ``instructions``: the bare
+    question of each prompt, for text-guided methods (``prepare``).
     """
     batch = encode(processor, images, prompts, model.device, model.dtype)
     tokenizer = getattr(processor, "tokenizer", processor)
-    batch = prepare(model, batch, method, knob)
+    batch = prepare(model, batch, method, knob, policy, instructions)
     with running(model, policy, method, knob):
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
@@ -156,6 +169,7 @@ def continuation_logprobs(
     policy: Any = None,
     method: Any = None,
     knob: Any = None,
+    instructions: Sequence[str] | None = None,
 ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation token | prefix), is_greedy) per request, batched with left padding.
 
@@ -176,7 +190,7 @@ def continuation_logprobs(
     batch = encode(processor, images, full, model.device, model.dtype)
     ids = batch["input_ids"]
     # a pre-LLM method shortens the image span; the left-padded rows still end in the continuation
-    prepared = prepare(model, batch, method, knob)
+    prepared = prepare(model, batch, method, knob, policy, instructions)
     with running(model, policy, method, knob):
         logits = model(**prepared).logits.float()
     results = []
@@ -225,7 +239,8 @@ def score_synthetic(
         prompts = [build_prompt(processor, q) for q in rows["question"]]
         images = [[im] for im in rows["image"]]
         texts = generate_texts(model, processor, images, prompts, max_new_tokens=max_new_tokens,
-                               until=until, policy=policy, method=method, knob=knob)
+                               until=until, policy=policy, method=method, knob=knob,
+                               instructions=list(rows["question"]))
         for text, answer, qtype in zip(texts, rows["answer"], rows["qtype"]):
             score = exact_match(text, answer)
             correct.append(score)

@@ -155,6 +155,9 @@ def checkpoint_hash(pretrained: str) -> str | None:
     return h.hexdigest()[:16]
 
 
+SAMPLE_QUESTION = "what is in the image ?"
+
+
 def sample_inputs(model: Any, processor: Any):
     """One prompt + grey image (the size the processor expects) for FLOPs and prefill latency."""
     from PIL import Image
@@ -162,7 +165,7 @@ def sample_inputs(model: Any, processor: Any):
     from dop.evaluation.scoring import build_prompt, encode
 
     image = Image.new("RGB", (336, 336), (128, 128, 128))
-    prompt = build_prompt(processor, "what is in the image ?")
+    prompt = build_prompt(processor, SAMPLE_QUESTION)
     return encode(processor, [[image]], [prompt], model.device, model.dtype)
 
 
@@ -204,7 +207,7 @@ def prefill_latency(model: Any, inputs: Any, policy: Any, repeats: int = 3, meth
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model(**prepare(model, inputs, method, knob))
+            model(**prepare(model, inputs, method, knob, policy, [SAMPLE_QUESTION]))
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             if i:
