@@ -557,9 +557,9 @@ def prune(
     """
     from dop.front_end import hooks
 
-    pruner = Pruner(model, policy if policy is not None else Policy(), adapter=adapter, prefix=prefix,
-                    selectors=selectors)
-    with hooks(model, policy):  # the n_v front end (its inputs come from dop.front_end.prepare_inputs)
+    with hooks(model, policy) as front:  # the n_v front end (inputs from dop.front_end.prepare_inputs)
+        pruner = Pruner(model, policy if policy is not None else Policy(), adapter=adapter, prefix=prefix,
+                        selectors=[*front, *(selectors or [])])
         pruner.install()
         try:
             yield pruner

@@ -32,32 +32,53 @@ def prepare_inputs(model: nn.Module, inputs: Mapping[str, Any], policy: Policy |
 
 
 @contextlib.contextmanager
-def hooks(model: nn.Module, policy: Policy | None) -> Iterator[None]:
-    """The reducer's hooks for the block (nothing without a front end); used by ``dop.engine.prune``."""
+def hooks(model: nn.Module, policy: Policy | None) -> Iterator[list[Any]]:
+    """The reducer's hooks for the block, yielding the engine selectors it needs (used by
+    ``dop.engine.prune``): none on LLaVA, whose prompt is shortened; on Qwen-VL, whose prompt keeps
+    every placeholder, the selector that drops the other visual rows before layer 0."""
     reducer = policy.front_end() if policy is not None else None
     if reducer is None:
-        yield
+        yield []
+        return
+    from dop.baselines.vision_access import is_qwen
+
+    if is_qwen(model):
+        with reducer.visual_selector(model, policy.n_v) as selector:
+            yield [selector]
         return
     with reducer.apply(model, policy.n_v):
-        yield
+        yield []
 
 
-def tokens_per_image(model: nn.Module, reducer: str) -> int:
-    """Visual tokens per image before reduction (the dense end of the ``n_v`` axis)."""
+def tokens_per_image(model: nn.Module, reducer: str, vision_rows: Sequence[int] = ()) -> int:
+    """Visual tokens per image before reduction (the dense end of the ``n_v`` axis): from the config
+    on LLaVA; on Qwen-VL, where it depends on the image, the most ``vision_rows`` of a sample (one
+    image per calibration sample)."""
     from dop.baselines import get_method
     from dop.baselines.reducer import tokens_per_image as count
+    from dop.baselines.vision_access import is_qwen
 
     get_method(reducer).check_model(model)  # refuses a family the reducer does not support, naming it
+    if is_qwen(model):
+        if not vision_rows:
+            raise PolicyError("n_v on Qwen-VL: the visual tokens per image come from the calibration set, "
+                              "and it has none")
+        return int(max(vision_rows))
     return int(count(model))
 
 
-def nv_values(values: Sequence[int] | None, full: int) -> list[int]:
-    """The ``n_v`` grid of a search: the configured values below ``full``, and ``full`` itself."""
+def nv_values(values: Sequence[int | float] | None, full: int) -> list[int]:
+    """The ``n_v`` grid of a search: the configured values (an int is a token count, a float in
+    (0, 1] a fraction of ``full``, so one grid serves models with 576 or 2880 visual tokens), capped
+    at ``full``, and ``full`` itself (no reduction)."""
     if not values:
         return []
     out = set()
     for v in values:
+        if isinstance(v, float) and 0 < v <= 1:
+            v = round(v * full)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise PolicyError(f"method.n_v values must be non-negative ints, got {v!r}")
+            raise PolicyError(f"method.n_v values must be token counts (ints >= 0) or fractions in (0, 1], "
+                              f"got {v!r}")
         out.add(min(int(v), full))
     return sorted(out | {full})

@@ -514,7 +514,9 @@ class SweepJob:
             from dop.policy import DEFAULT_REDUCER
 
             self.reducer = str(reducer or DEFAULT_REDUCER)
-            self.nv_full = tokens_per_image(model, self.reducer)
+            rows = [int(n) for b in batches for n in self.adapter.token_groups(
+                b.inputs["input_ids"], b.inputs.get("attention_mask"))["vision"].sum(1)]
+            self.nv_full = tokens_per_image(model, self.reducer, rows)
             self.nv_grid = nv_values(list(n_v), self.nv_full)
         dtype = next(model.parameters()).dtype
         ids = [i for b in batches for i in b.sample_ids]
@@ -658,9 +660,9 @@ def _configured_nv(method: Any) -> list[int] | None:
     if values is None:
         return None
     if isinstance(values, (int, float, str)):
-        raise SweepError(f"method.n_v must be a list of candidate token counts, e.g. [576, 288, 192, 128, 64], "
-                         f"got {values!r}")
-    return [int(v) if isinstance(v, (int, float)) and float(v).is_integer() else v for v in values]
+        raise SweepError(f"method.n_v must be a list of candidate token counts or fractions of the visual tokens, "
+                         f"e.g. [576, 192, 64] or [1.0, 0.333, 0.111], got {values!r}")
+    return list(values)
 
 
 def _configured_pairs(method: Any) -> list[Pair] | None:

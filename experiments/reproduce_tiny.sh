@@ -24,6 +24,7 @@ dop -m $EXP=ablation_space $EVAL $RATIOS
 dop -m $EXP=ablation_objective table.objective=dop,kl_greedy,gsop $EVAL $RATIOS
 dop -m $EXP=ablation_time $EVAL $RATIOS
 dop -m $EXP=ablation_data $EVAL $RATIOS
+dop -m $EXP=ablation_nv $EVAL $RATIOS method.check_additive=30
 # main table and latency on the tiny model: DOP + every baseline at 0.75 and at 0.5 of dense FLOPs
 # (baselines that cannot reach a budget on 6 layers fail that job, reported; the others land)
 dop -m $EXP=main_table $EVAL table.budgets.tiny_llava.kind=ratio "table.budgets.tiny_llava.values=[0.75]" || true
@@ -49,6 +50,7 @@ t ablation_space --out experiments/results/ablation_space_tiny.md --note "$N Sam
 t ablation_objective --out experiments/results/ablation_objective_tiny.md --note "$N gsop = GSOP-style greedy on calibration task accuracy (method.objective=accuracy, no sweep), on the same 64 calibration samples. $SE"
 t ablation_time --out experiments/results/ablation_time_tiny.md --note "$N With 6 layers, grid step 4 measures depths {0, 4, 6} only; 'search s' is the pipeline's sweep + search wall time (dense reference included) under CPU contention. $SE"
 t ablation_data --out experiments/results/ablation_data_tiny.md --note "$N pred./meas. KL are on each run's own calibration set (its first n samples), so they are not comparable across n; compare the benchmark values. $SE"
+t ablation_nv --out experiments/results/ablation_nv_tiny.md --note "$N Same calibration (64 samples), solver and budgets for both; joint = the depths and n_v (VisPruner; grid 1, 3/4, 1/2, 1/3, 2/9, 1/9 of the 16 visual tokens -> 16, 12, 8, 5, 4, 2) searched together. n_v = 'all': the search kept every visual token. $SE The n_v curve (KL on the calibration set) and the additive check with n_v drawn too are in each run's search.json."
 t ablation_transfer --out experiments/results/ablation_transfer_tiny.md --note "$N Cross-model on two tiny checkpoints of one architecture: tiny_llava (shipped, 5000 steps) and tiny_8k (the same recipe trained 8000 steps in a separate run; not shipped). Each source's policies were searched on its own model (64 calibration samples, decoupled space) and evaluated on both; both searches found the same policy at 0.5. $SE Share of the target's dense FLOPs in brackets."
 t main_table --root outputs/experiments/main_table outputs/experiments/main_table_050 \
   --out experiments/results/main_table_tiny.md --title "main_table and latency on the embedded default (tiny_llava)" \

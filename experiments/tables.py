@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 EXPERIMENTS = ["main_table", "latency", "ablation_additive", "ablation_data", "ablation_time", "ablation_transfer",
-               "ablation_space", "ablation_objective"]
+               "ablation_space", "ablation_objective", "ablation_nv"]
 
 
 def fmt(x: Any, spec: str = ".4f") -> str:
@@ -151,7 +151,10 @@ def pipeline_ablation(root: Path, results: Path, variant_key: str | None = None)
         v = OmegaConf.select(cfg, variant_key) if (cfg is not None and variant_key) else None
         return (0, v, str(run)) if isinstance(v, (int, float)) else (1, 0, str(run))
 
-    for run in sorted(run_dirs(root, "search.json"), key=order):
+    runs = sorted(run_dirs(root, "search.json"), key=order)
+    # the front end's column, when any run searched n_v ("all": every visual token kept)
+    with_nv = any("n_v" in json.loads((run / "search.json").read_text()) for run in runs)
+    for run in runs:
         s = json.loads((run / "search.json").read_text())
         res = json.loads((run / "result.json").read_text()) if (run / "result.json").is_file() else {}
         cfg = run_config(run)
@@ -167,8 +170,10 @@ def pipeline_ablation(root: Path, results: Path, variant_key: str | None = None)
                              r.benchmark if r else "-", fmt(r.value, ".3f") if r else "-", fmt(d.value, ".3f") if d else "-",
                              r.samples if r else "-", fmt(search_s, ".1f"),
                              fmt(OmegaConf.select(cfg, variant_key), "") if (cfg is not None and variant_key) else ""])
+                if with_nv:
+                    rows[-1].append("all" if entry.get("n_v") is None else entry["n_v"])
     header = ["run", "budget", "of dense FLOPs", "pred. KL", "meas. KL", "benchmark", "value", "dense", "n",
-              "search s", variant_key or ""]
+              "search s", variant_key or ""] + (["n_v"] if with_nv else [])
     return table(header, rows)
 
 
@@ -253,7 +258,8 @@ def build(name: str, root: Path, results: Path) -> str:
     if name == "ablation_transfer":
         return transfer(root, results)
     key = {"ablation_data": "method.num_calibration", "ablation_time": "method.grid_step",
-           "ablation_space": "table.space", "ablation_objective": "table.objective"}[name]
+           "ablation_space": "table.space", "ablation_objective": "table.objective",
+           "ablation_nv": "table.front_end"}[name]
     return pipeline_ablation(root, results, key)
 
 

@@ -177,8 +177,9 @@ def eval_cost(model: str, bench: str, budget, tp: Throughput, limit: int | None 
 
 
 def search_cost(model: str, tp: Throughput, num_calibration: int = CALIBRATION, grid_step: int = 1,
-                budgets: int = 3, check_additive: int = 0, pairs: int = SEARCH_PAIRS) -> Cost:
-    """Dense reference + sweep (prefix reuse, upper bound) + measured policies, on the calibration set."""
+                budgets: int = 3, check_additive: int = 0, pairs: int = SEARCH_PAIRS, nv_points: int = 0) -> Cost:
+    """Dense reference + sweep (prefix reuse, upper bound) + measured policies, on the calibration set.
+    ``nv_points``: n_v curve points, each a whole forward (counted at dense cost: an upper bound)."""
     spec = MODELS[model]
     L = spec.text["num_hidden_layers"]
     _, instruction = CALIBRATION_TOKENS
@@ -186,9 +187,9 @@ def search_cost(model: str, tp: Throughput, num_calibration: int = CALIBRATION, 
     reference = vision_flops(spec.vision, spec.images) + dense
     depths = list(range(0, L, grid_step))  # depth L is dense: free
     sweep = pairs * sum((L - d) / L for d in depths) * dense
-    measured = (budgets + check_additive) * dense
+    measured = (budgets + check_additive + nv_points) * dense
     flops = num_calibration * (reference + sweep + measured)
-    forwards = num_calibration * (1 + pairs * len(depths) + budgets + check_additive) / 8  # batches of 8
+    forwards = num_calibration * (1 + pairs * len(depths) + budgets + check_additive + nv_points) / 8  # batches of 8
     return Cost(flops, flops / (tp.peak_tflops * 1e12 * tp.mfu) + forwards * tp.overhead_s)
 
 
@@ -264,6 +265,12 @@ def estimate(name: str, tp: Throughput) -> Estimate:
         note = f"{model}, {len(variants)} variants x {len(ABLATION_BENCHMARKS)} benchmarks (gqa, mme, pope, textvqa_val)"
         if name == "ablation_objective":
             note += "; the accuracy objective assumed to cost what the KL sweep does"
+    elif name == "ablation_nv":
+        budgets = [("ratio", v) for v in (0.5, 0.25, 0.14)]
+        for i, search in enumerate([{}, {"nv_points": 5}]):
+            for bench in ABLATION_BENCHMARKS:
+                add(_job("llava15_7b", bench, budgets, tp, search, dense=i == 0))
+        note = "llava15_7b, 2 variants (no front end, joint n_v) x 4 benchmarks (gqa, mme, pope, textvqa_val)"
     elif name == "ablation_transfer":
         for target in ("llava15_7b", "llava_next_7b"):
             for source in ("llava15_7b", "llava_next_7b"):
@@ -301,7 +308,7 @@ def write_headers(tp: Throughput, conf_dir: Path) -> None:
 
 
 EXPERIMENTS = ["main_table", "latency", "ablation_additive", "ablation_data", "ablation_time", "ablation_transfer",
-               "ablation_space", "ablation_objective"]
+               "ablation_space", "ablation_objective", "ablation_nv"]
 
 
 def header(tp: Throughput) -> str:

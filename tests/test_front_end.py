@@ -60,6 +60,9 @@ def test_policy_front_end_fields_round_trip():
     with pytest.raises(MethodError, match="unknown method 'nope'"):
         Policy(n_v=4, reducer="nope").front_end()
     assert nv_values([12, 4, 99, 4], 16) == [4, 12, 16] and nv_values(None, 16) == []
+    assert nv_values([1.0, 0.5, 0.25], 16) == [4, 8, 16] and nv_values([0.333, 0.111], 576) == [64, 192, 576]
+    with pytest.raises(PolicyError, match="fractions in"):
+        nv_values([1.5], 16)
 
 
 def test_flops_count_the_kept_visual_tokens():
@@ -312,3 +315,44 @@ def test_search_stage_solves_depths_and_nv_jointly(tmp_path, monkeypatch):
     assert out["additive_check"]["n"] == 3
     with pytest.raises(search.SearchError, match="KL objective"):
         search.run(_cfg(tmp_path, [0.9], objective="accuracy"))
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen2-VL: the prompt keeps its placeholders, the reducer's selector drops rows before layer 0
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen():
+    return BUILDERS["qwen2_vl"](attn="sdpa")[0]
+
+
+def test_nv_policy_on_qwen2_vl(qwen, tmp_path):
+    from test_baselines_prellm_qwen import make_inputs
+
+    from dop.divergence import CalibrationBatch
+
+    torch.set_num_threads(1)
+    inputs = make_inputs(2, seed=1)  # 16 and 24 visual tokens
+    k = 5
+    base = get_method("vispruner")
+    with torch.no_grad():
+        with base.apply(qwen, k):
+            theirs = qwen(**base.prepare_inputs(qwen, inputs, k)).logits
+        with prune(qwen, Policy(n_v=k)) as pruner:
+            ours = qwen(**prepare_inputs(qwen, inputs, Policy(n_v=k))).logits
+        assert torch.equal(ours, theirs)
+        assert pruner.kept_masks[0]["kv"].sum(1).tolist() == [
+            int(m.sum()) - n + k for m, n in zip(inputs["attention_mask"], (16, 24))]
+        policy = DepthPolicy({"kv/vision": 1, "mlp/instruction": 2}, n_v=k).expand(4)
+        with prune(qwen, policy):
+            gen = qwen.generate(**prepare_inputs(qwen, inputs, policy), max_new_tokens=3, do_sample=False)
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 3
+    # the sweep: n_v's full count comes from the calibration set; its curve is measured
+    B, T = inputs["input_ids"].shape
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[:, -1] = True
+    job = sweep.SweepJob(qwen, [CalibrationBatch(inputs, mask, ["a", "b"])], model_id="tiny-qwen",
+                         run_dir=tmp_path, pairs=[("kv", "vision")], n_v=[8, 0.25])
+    assert job.nv_full == 24 and job.nv_grid == [6, 8, 24]
+    job.run()
+    curve = job.nv_curve()
+    assert curve[24] == 0.0 and curve[6] > 0 and curve[8] > 0

@@ -8,8 +8,14 @@ code ``Theia-4869/CDPruner``, ``llava_arch.py::encode_images``, ``clip_encoder.p
    incremental Cholesky, ``k`` steps); kept indices in spatial order.
 
 LLaVA has no CLIP text tower: set ``text_tower`` (``TextGuidedReducer``); without it ``check_model``
-fails before anything runs. The instruction is split into 77-token segments as in the official code.
-No deviation (the official optional theta-weighting is commented out there too).
+fails before anything runs. The instruction is split into 77-token segments as in the official code;
+here each segment is wrapped in CLIP's start/end tokens so that every segment is pooled at an end
+token (``TextGuidedReducer.encode_text``); check this against the official segmenting before comparing
+numbers on instructions longer than 77 tokens. Otherwise no deviation (the official optional
+theta-weighting is commented out there too).
+
+LLaVA-1.5 only: the relevance needs a CLIP text tower in the vision tower's joint space, and
+Qwen-VL's vision tower is not CLIP (``check_model`` names the reason).
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from dop.baselines.reducer import TextGuidedReducer, VisionContext
+from dop.baselines.reducer import LLAVA_ONLY, TextGuidedReducer, VisionContext, check_reducible
+
+_LLAVA_ONLY_WHY = ("; CDPruner's relevance compares patches with the instruction in CLIP's joint image-text "
+                   "space, and Qwen-VL's vision tower is not a CLIP encoder: no CLIP text tower shares its "
+                   "feature space")
 
 
 def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,6 +68,10 @@ class CDPruner(TextGuidedReducer):
     paper_convention: ClassVar[str | None] = "fastv"
     defaults: ClassVar[dict] = {"text_tower": None, "text_tokenizer": None}
     text_segments: ClassVar[bool] = True
+
+    def check_model(self, model) -> None:
+        check_reducible(model, self.name, LLAVA_ONLY, why=_LLAVA_ONLY_WHY)
+        super().check_model(model)
 
     def attn_layers(self, model) -> list[int]:
         return []

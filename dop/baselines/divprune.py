@@ -5,6 +5,9 @@ embeddings of the visual tokens (projector output), distance = 1 - cosine; the f
 whose nearest neighbour is farthest, then greedily the candidate farthest (max over candidates of the
 min distance) from the chosen set; kept tokens in original order, dropped before decoder layer 0.
 Text-agnostic, no attention. ``SUBSET_RATIO`` = k / N; here the knob is ``k`` itself. No deviation.
+
+Qwen2-VL / Qwen2.5-VL: the same selection per image on the merger-output tokens (the LLM's visual
+tokens, ``dop.baselines.vision_access``); the other visual rows are dropped before decoder layer 0.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from dop.baselines.reducer import ReducerMethod, VisionContext
+from dop.baselines.reducer import ImageTokens, ReducerMethod, VisionContext
 
 
 def divprune_select(tokens: torch.Tensor, k: int) -> torch.Tensor:
@@ -44,3 +47,6 @@ class DivPrune(ReducerMethod):
 
     def select(self, ctx: VisionContext, k: int) -> torch.Tensor:
         return divprune_select(ctx.projected, k)
+
+    def select_image(self, img: ImageTokens, k: int) -> torch.Tensor:
+        return divprune_select(img.tokens[None], k)[0]

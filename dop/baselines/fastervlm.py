@@ -9,6 +9,11 @@ patches, [CLS] column dropped), averaged over heads; the top-``k`` patches are k
 and their projected tokens go to the LLM. The tower itself keeps its SDPA attention. No deviation
 from the paper except that the score is recomputed instead of read from an eager attention map
 (numerically the same).
+
+Qwen2-VL / Qwen2.5-VL (no [CLS] token): the top-``k`` merger-output tokens of each image by the
+received attention of the last (full-attention) vision block, averaged over heads and query rows
+and summed over each token's 2x2 patches (``dop.baselines.vision_access``); the other visual rows
+are dropped before decoder layer 0.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from dop.baselines.reducer import ReducerMethod, VisionContext, topk_sorted
+from dop.baselines.reducer import ImageTokens, ReducerMethod, VisionContext, topk_sorted
 
 
 def fastervlm_select(cls_attention: torch.Tensor, k: int) -> torch.Tensor:
@@ -32,3 +37,6 @@ class FasterVLM(ReducerMethod):
 
     def select(self, ctx: VisionContext, k: int) -> torch.Tensor:
         return fastervlm_select(ctx.cls_attention(), k)
+
+    def select_image(self, img: ImageTokens, k: int) -> torch.Tensor:
+        return fastervlm_select(img.score[None, None], k)[0]

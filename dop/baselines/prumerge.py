@@ -12,6 +12,13 @@ tokens, 1 is the extra token, ``min(#IQR outliers, k-1)`` are the outliers with 
 ``cls_attn``, and the rest are evenly spaced (in raster order) among the remaining patches (the
 official code uses a fixed stride grid whose size depends on the adaptive ratio). Kept tokens are
 in spatial order (official: outliers by score, then samples).
+
+Qwen2-VL / Qwen2.5-VL (no [CLS] token; ``dop.baselines.vision_access``), per image on the
+merger-output tokens: ``cls_attn`` is the received attention of the last (full-attention) vision
+block (mean over heads and query rows, summed over each token's 2x2 patches, a distribution over the
+image's tokens); keys are that block's (pre-rotary, all heads, mean over the token's patches). The
+extra token takes the row (position) of the highest-scoring non-kept token; the other visual rows are
+dropped before decoder layer 0.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dop.baselines.reducer import (
+    ImageTokens,
     ReducerMethod,
     VisionContext,
     _tower_layers,
@@ -83,3 +91,12 @@ class PruMergePlus(ReducerMethod):
         self.last_selection = idx
         tokens = prumerge_tokens(ctx.features, kk[:, 1:], cls_attn, idx, int(self.hparams["neighbours"]))
         return ctx.project(tokens)
+
+    def reduce_image(self, img: ImageTokens, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = prumerge_select(img.score[None], k)[0]
+        tokens = prumerge_tokens(img.tokens[None], img.keys[None], img.score[None], idx[None],
+                                 int(self.hparams["neighbours"]))[0]
+        rest = complement(idx[None], len(img.tokens))[0]
+        rows = torch.cat([idx, rest[img.score[rest].argmax()].view(1)])  # the extra token's row
+        order = rows.argsort()
+        return rows[order], tokens[order]

@@ -20,9 +20,14 @@ How it runs on one model instance (nothing is patched, every hook is removed on 
   The projector only runs at prefill, so ``model.generate`` works unchanged.
 
 Supported: ``LlavaForConditionalGeneration`` (``model_type == "llava"``) with a CLIP-style vision
-tower, one ``vision_feature_layer`` and the ``default`` feature strategy (LLaVA-1.5). Other families
-(LLaVA-NeXT packs crops and newlines after the projector, Qwen-VL merges patches in the tower) raise
-``MethodError`` in ``check_model``.
+tower, one ``vision_feature_layer`` and the ``default`` feature strategy (LLaVA-1.5); and Qwen2-VL /
+Qwen2.5-VL (``qwen2_vl``, ``qwen2_5_vl``), where the prompt is *not* shortened: the tower's merger
+output is reduced per image and the other visual rows are dropped before decoder layer 0 by an
+engine selector, kept rows at their original M-RoPE positions (``dop.baselines.vision_access``;
+methods implement ``reduce_image``/``select_image`` there). FLOPs are the same on both paths
+(``schedule``). Other families (LLaVA-NeXT and OneVision pack crops and newlines after the
+projector, InternVL pixel-shuffles tiles, Qwen3-VL adds deepstack features) raise ``MethodError`` in
+``check_model``, naming the supported ones.
 """
 
 from __future__ import annotations
@@ -36,9 +41,18 @@ import torch
 from torch import nn
 
 from dop.baselines.base import Method, MethodError, uniform_schedule
+from dop.baselines.vision_access import (
+    QWEN_MODEL_TYPES,
+    ImageTokens,
+    QwenVisualReducer,
+    check_qwen_tower,
+    is_qwen,
+)
+from dop.engine import prune
 from dop.ops import VISION
 
-SUPPORTED_MODEL_TYPES = ("llava",)
+SUPPORTED_MODEL_TYPES = ("llava", *QWEN_MODEL_TYPES)
+LLAVA_ONLY = ("llava",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,13 +64,19 @@ def _tower_layers(model: nn.Module) -> nn.ModuleList:
     return inner.encoder.layers
 
 
-def check_reducible(model: nn.Module, method: str) -> None:
-    """Raise ``MethodError`` unless ``model`` is a family the reducers support."""
+def check_reducible(model: nn.Module, method: str, model_types: tuple[str, ...] = SUPPORTED_MODEL_TYPES,
+                    why: str = "") -> None:
+    """Raise ``MethodError`` unless ``model`` is a family the reducer supports (``why``: the reason a
+    method supports fewer families, appended to the message)."""
     cfg = getattr(model, "config", None)
     mtype = getattr(cfg, "model_type", None)
-    if mtype not in SUPPORTED_MODEL_TYPES:
-        raise MethodError(f"method {method!r} (pre-LLM reducer) supports model types {list(SUPPORTED_MODEL_TYPES)} "
-                          f"(LlavaForConditionalGeneration, LLaVA-1.5 style); got {mtype!r}")
+    if mtype not in model_types:
+        names = {"llava": "LLaVA-1.5", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+        raise MethodError(f"method {method!r} (pre-LLM reducer) supports model types {list(model_types)} "
+                          f"({', '.join(names.get(t, t) for t in model_types)}); got {mtype!r}{why}")
+    if mtype in QWEN_MODEL_TYPES:
+        check_qwen_tower(model, method)
+        return
     inner = getattr(model, "model", None)
     if getattr(inner, "multi_modal_projector", None) is None or getattr(inner, "vision_tower", None) is None:
         raise MethodError(f"method {method!r}: model has no model.multi_modal_projector / model.vision_tower")
@@ -75,7 +95,11 @@ def check_reducible(model: nn.Module, method: str) -> None:
 
 
 def tokens_per_image(model: nn.Module) -> int:
-    """Placeholders (= projector rows) per image: patches of the tower, from its config."""
+    """Placeholders (= projector rows) per image: patches of the tower, from its config (LLaVA; on
+    Qwen-VL the count depends on the image: ``vision_access.merged_tokens_per_image``)."""
+    if is_qwen(model):
+        raise MethodError("Qwen-VL tokens per image depend on the image size: use "
+                          "dop.baselines.vision_access.merged_tokens_per_image(model, image_grid_thw)")
     vc = model.config.vision_config
     return (int(vc.image_size) // int(vc.patch_size)) ** 2
 
@@ -234,7 +258,10 @@ class ReducerMethod(Method):
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
         self._texts: list[Any] | None = None  # per sample, from prepare_inputs (text-guided methods)
-        self.last_selection: torch.Tensor | None = None  # (n, k) kept patch indices of the last call
+        self._image_samples: torch.Tensor | None = None  # per image, its sample (from prepare_inputs)
+        # last call's kept token indices: (n, k) on LLaVA; per image a (k,) tensor on Qwen-VL
+        self.last_selection: torch.Tensor | list[torch.Tensor] | None = None
+        self.pruner: Any = None  # Qwen-VL: the engine pruner of the current ``apply`` (kept_masks)
 
     # --- what to capture ---------------------------------------------------------------------
     def attn_layers(self, model: nn.Module) -> list[int]:
@@ -252,6 +279,14 @@ class ReducerMethod(Method):
         self.last_selection = idx
         return ctx.gather(ctx.projected, idx)
 
+    def select_image(self, img: ImageTokens, k: int) -> torch.Tensor:
+        """Qwen-VL: (k,) ascending indices of the image's merger-output tokens to keep."""
+        raise MethodError(f"method {self.name!r} has no Qwen-VL variant")
+
+    def reduce_image(self, img: ImageTokens, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Qwen-VL: kept indices and their (k, D) new contents (``None``: the tokens unchanged)."""
+        return self.select_image(img, k), None
+
     # --- budget ------------------------------------------------------------------------------
     def schedule(self, groups: Mapping[str, int], num_layers: int, knob: Any) -> list[dict[str, int]]:
         k = min(int(knob), int(groups.get(VISION, 0)))
@@ -263,6 +298,16 @@ class ReducerMethod(Method):
 
     def encode_text(self, texts: Sequence[str]) -> list[Any]:
         raise NotImplementedError
+
+    @contextmanager
+    def visual_selector(self, model: nn.Module, knob: Any) -> Iterator[QwenVisualReducer]:
+        """Qwen-VL: only the tower hooks, yielding the engine selector that drops the other visual rows
+        before layer 0; for a caller that runs its own ``dop.engine.prune`` (``apply`` = this + prune)."""
+        self.check_model(model)
+        if not is_qwen(model):
+            raise MethodError(f"method {self.name!r}: visual_selector is for Qwen-VL; LLaVA shortens the prompt")
+        with QwenVisualReducer(model, self, max(int(knob), 0)) as selector:
+            yield selector
 
     def prepare_inputs(self, model: nn.Module, inputs: Mapping[str, Any], knob: Any) -> Mapping[str, Any]:
         self.check_model(model)
@@ -277,8 +322,14 @@ class ReducerMethod(Method):
             self._texts = self.encode_text(list(instruction))
         if "inputs_embeds" in out:
             raise MethodError(f"method {self.name!r}: pass input_ids, not inputs_embeds")
+        if is_qwen(model):  # the prompt keeps every placeholder; rows are dropped before layer 0
+            return out
         n = tokens_per_image(model)
         k = min(int(knob), n)
+        # which sample each image belongs to, for text-guided methods: transformers' generate encodes the
+        # images (get_image_features -> projector) before model.model runs, so check_prompt is too late
+        per_sample = (out["input_ids"] == model.config.image_token_id).sum(1) // n
+        self._image_samples = torch.repeat_interleave(torch.arange(len(per_sample)), per_sample.cpu())
         pad = model.config.text_config.pad_token_id
         out["input_ids"], out["attention_mask"] = shorten_prompt(
             out["input_ids"], out.get("attention_mask"), model.config.image_token_id, n, k,
@@ -288,10 +339,18 @@ class ReducerMethod(Method):
     @contextmanager
     def apply(self, model: nn.Module, knob: Any) -> Iterator[Any]:
         self.check_model(model)
+        if is_qwen(model):
+            try:
+                with self.visual_selector(model, knob) as selector, prune(model, selectors=[selector]) as pruner:
+                    self.pruner = pruner
+                    yield self
+            finally:
+                self.pruner = None
+            return
         n_patch = tokens_per_image(model)
         k = min(int(knob), n_patch)
         layers = _tower_layers(model)
-        cap: dict[str, Any] = {"attn": {}, "cls": None, "samples": None}
+        cap: dict[str, Any] = {"attn": {}, "cls": None}
         state = {"inner": False}
         handles = []
 
@@ -319,8 +378,6 @@ class ReducerMethod(Method):
                 raise MethodError(f"method {self.name!r} at keep={k}: the prompt has {int(per_sample.sum())} image "
                                   f"placeholders for {n_img} image(s); run inputs through "
                                   "method.prepare_inputs(model, inputs, keep) first")
-            cap["samples"] = torch.repeat_interleave(torch.arange(len(ids)), (per_sample // max(k, 1)).cpu()) \
-                if k else None
 
         handles.append(model.model.register_forward_pre_hook(check_prompt, with_kwargs=True))
         projector = model.model.multi_modal_projector
@@ -342,9 +399,10 @@ class ReducerMethod(Method):
                 return None
             texts = None
             if self.needs_text:
-                if self._texts is None or cap["samples"] is None:
+                samples = self._image_samples
+                if self._texts is None or samples is None or len(samples) != feats.shape[0]:
                     raise MethodError(f"method {self.name!r}: no instruction encoded; call prepare_inputs first")
-                texts = [self._texts[int(s)] for s in cap["samples"]]
+                texts = [self._texts[int(s)] for s in samples]
             ctx = VisionContext(model=model, features=feats, projected=output, cls_hidden=cap["cls"],
                                 attn_inputs=dict(cap["attn"]), texts=texts, _project=project)
             if k == 0:
@@ -375,6 +433,11 @@ class TextGuidedReducer(ReducerMethod):
     joint space; for LLaVA-1.5 ``openai/clip-vit-large-patch14-336``) or a ``CLIPModel`` instance.
     ``text_tokenizer``: its tokenizer (default: loaded from ``text_tower`` when that is a path).
     The instruction comes from ``inputs["instruction"]`` (one string per sample) in ``prepare_inputs``.
+
+    The modules used (``text_model``, ``text_projection``, ``visual_projection``) are moved to the
+    device of the LLaVA vision tower in ``check_model`` and keep their own dtype (fp32 when loaded from
+    a path); the patch features are cast to that dtype, so an fp16/bf16 LLaVA works with an fp32 CLIP.
+    CLIP's own vision encoder is never run (the patch features come from LLaVA's tower) and stays put.
     """
 
     needs_text: ClassVar[bool] = True
@@ -412,11 +475,20 @@ class TextGuidedReducer(ReducerMethod):
         if clip.visual_projection.in_features != width:
             raise MethodError(f"method {self.name!r}: text_tower's visual_projection expects width "
                               f"{clip.visual_projection.in_features}, the vision tower gives {width}")
+        # Fix: the CLIP used to stay where it was loaded (CPU, fp32) while the features come from the
+        # LLaVA tower (GPU, fp16/bf16): a device/dtype mismatch on any real run.
+        tower = getattr(model.model, "vision_tower", None)
+        device = next((tower if tower is not None else model).parameters()).device
+        for part in (clip.text_model, clip.text_projection, clip.visual_projection):
+            part.to(device)
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> list[torch.Tensor]:
-        """Per text: (segments, P) L2-normalised CLIP text embeddings."""
+        """Per text: (segments, P) L2-normalised CLIP text embeddings (pooled at the end token, as
+        ``CLIPTextModelWithProjection.text_embeds``). Segments (CDPruner): the content tokens are cut
+        into ``max_position_embeddings - 2`` chunks, each wrapped in the start/end tokens."""
         clip, tok = self._tower()
+        device = clip.text_projection.weight.device
         max_len = int(clip.config.text_config.max_position_embeddings)
         out = []
         for text in texts:
@@ -431,7 +503,7 @@ class TextGuidedReducer(ReducerMethod):
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             input_ids = torch.tensor([c + [pad] * (L - len(c)) for c in chunks])
             mask = torch.tensor([[1] * len(c) + [0] * (L - len(c)) for c in chunks])
-            pooled = clip.text_model(input_ids=input_ids, attention_mask=mask).pooler_output
+            pooled = clip.text_model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).pooler_output
             emb = clip.text_projection(pooled)
             out.append(emb / emb.norm(dim=-1, keepdim=True))
         return out
@@ -442,5 +514,6 @@ class TextGuidedReducer(ReducerMethod):
         clip, _ = self._tower()
         tower = ctx.model.model.vision_tower
         ln = getattr(tower, "vision_model", tower).post_layernorm
-        x = clip.visual_projection(ln(ctx.features))
-        return x / x.norm(dim=-1, keepdim=True)
+        w = clip.visual_projection.weight
+        x = clip.visual_projection(ln(ctx.features).to(device=w.device, dtype=w.dtype))
+        return (x / x.norm(dim=-1, keepdim=True)).to(ctx.features.device)

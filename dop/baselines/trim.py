@@ -11,6 +11,9 @@ LLaVA has no CLIP text tower: set ``text_tower`` (see ``TextGuidedReducer``); wi
 ``check_model`` fails before anything runs. Fixed-k variant for budgets: the top ``k - 1`` patches by
 that score + the pooled token (the IQR count would make ``k`` image dependent; the training-free
 baseline tables use ratio = k / 576). The question is truncated to CLIP's 77 tokens, as in TRIM.
+
+LLaVA-1.5 only: Qwen-VL's vision tower is not CLIP, so there is no text tower in its feature space
+(``check_model`` names the reason).
 """
 
 from __future__ import annotations
@@ -19,7 +22,17 @@ from typing import ClassVar
 
 import torch
 
-from dop.baselines.reducer import TextGuidedReducer, VisionContext, complement, topk_sorted
+from dop.baselines.reducer import (
+    LLAVA_ONLY,
+    TextGuidedReducer,
+    VisionContext,
+    check_reducible,
+    complement,
+    topk_sorted,
+)
+
+_LLAVA_ONLY_WHY = ("; TRIM scores patches against the question in CLIP's joint image-text space, and "
+                   "Qwen-VL's vision tower is not a CLIP encoder: no CLIP text tower shares its feature space")
 
 
 def trim_scores(patch_embeds: torch.Tensor, text_embeds: list[torch.Tensor]) -> torch.Tensor:
@@ -41,6 +54,10 @@ class TRIM(TextGuidedReducer):
     name: ClassVar[str] = "trim"
     paper_convention: ClassVar[str | None] = "fastv"
     defaults: ClassVar[dict] = {"text_tower": None, "text_tokenizer": None}
+
+    def check_model(self, model) -> None:
+        check_reducible(model, self.name, LLAVA_ONLY, why=_LLAVA_ONLY_WHY)
+        super().check_model(model)
 
     def reduce(self, ctx: VisionContext, k: int) -> torch.Tensor:
         scores = trim_scores(self.patch_embeds(ctx), ctx.texts)

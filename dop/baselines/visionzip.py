@@ -16,6 +16,12 @@ paper; the kept/merged vision tokens are then projected):
 
 Paper defaults on LLaVA-1.5: 162+30 / 108+20 / 54+10 for 192 / 128 / 64, i.e. ``dominant = round(k *
 54/64)``; ``dominant_ratio`` applies the same split to any ``k``.
+
+Qwen2-VL / Qwen2.5-VL (no [CLS] token; ``dop.baselines.vision_access``), per image on the
+merger-output tokens: ``dominant`` tokens (all patches) by the received attention of the last
+(full-attention) vision block; the contextual merge as above with that block's keys (pre-rotary, all
+heads, mean over each token's 2x2 patches) as the metric, merging merger outputs. Each contextual
+token takes its target's row (position); the other visual rows are dropped before decoder layer 0.
 """
 
 from __future__ import annotations
@@ -24,12 +30,35 @@ from typing import ClassVar
 
 import torch
 
-from dop.baselines.reducer import ReducerMethod, VisionContext, feature_layer_index, scaled_layer
+from dop.baselines.reducer import (
+    ImageTokens,
+    ReducerMethod,
+    VisionContext,
+    complement,
+    feature_layer_index,
+    scaled_layer,
+    topk_sorted,
+)
 
 
 def split_budget(k: int, dominant_ratio: float) -> tuple[int, int]:
     dominant = min(k, max(1 if k else 0, round(k * dominant_ratio)))
     return dominant, k - dominant
+
+
+def contextual_merge(rest: torch.Tensor, rest_metric: torch.Tensor, contextual: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets (c,) (uniform stride over ``rest``) and their (c, C) merged tokens: each other token
+    joins its most metric-similar target; target = its token + mean of the joined ones."""
+    m = rest_metric / rest_metric.norm(dim=-1, keepdim=True)
+    step = max(1, len(rest) // contextual)
+    targets = torch.arange(0, len(rest), step, device=rest.device)[:contextual]
+    is_t = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
+    is_t[targets] = True
+    assign = (m[~is_t] @ m[targets].T).argmax(dim=-1)
+    onehot = torch.nn.functional.one_hot(assign, len(targets)).to(rest.dtype)  # (others, c)
+    counts = onehot.sum(0).clamp(min=1).unsqueeze(-1)
+    return targets, rest[targets] + onehot.T @ rest[~is_t] / counts
 
 
 def visionzip_tokens(hidden: torch.Tensor, cls_attention: torch.Tensor, metric: torch.Tensor,
@@ -48,18 +77,23 @@ def visionzip_tokens(hidden: torch.Tensor, cls_attention: torch.Tensor, metric: 
         dom = hidden[b][is_dom[b]]
         rest, rest_metric = hidden[b][~is_dom[b]], metric[b][~is_dom[b]]
         if contextual > 0 and len(rest):
-            m = rest_metric / rest_metric.norm(dim=-1, keepdim=True)
-            step = max(1, len(rest) // contextual)
-            targets = torch.arange(0, len(rest), step, device=hidden.device)[:contextual]
-            is_t = torch.zeros(len(rest), dtype=torch.bool, device=hidden.device)
-            is_t[targets] = True
-            assign = (m[~is_t] @ m[targets].T).argmax(dim=-1)
-            onehot = torch.nn.functional.one_hot(assign, len(targets)).to(rest.dtype)  # (others, c)
-            counts = onehot.sum(0).clamp(min=1).unsqueeze(-1)
-            ctx = rest[targets] + onehot.T @ rest[~is_t] / counts
-            dom = torch.cat([dom, ctx], dim=0)
+            dom = torch.cat([dom, contextual_merge(rest, rest_metric, contextual)[1]], dim=0)
         out.append(dom)
     return torch.stack(out), (chosen[:, 1:] - 1).sort(dim=-1).values
+
+
+def visionzip_rows(tokens: torch.Tensor, score: torch.Tensor, metric: torch.Tensor, dominant: int,
+                   contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image without [CLS] (Qwen-VL): (k,) ascending kept rows and their (k, D) contents; the
+    ``dominant`` top-``score`` rows as they are, and ``contextual`` merged tokens at their targets' rows."""
+    dom = topk_sorted(score[None], dominant)[0]
+    rows, content = dom, tokens[dom]
+    rest = complement(dom[None], len(tokens))[0]
+    if contextual > 0 and len(rest):
+        targets, merged = contextual_merge(tokens[rest], metric[rest], contextual)
+        rows, content = torch.cat([rows, rest[targets]]), torch.cat([content, merged])
+    order = rows.argsort()
+    return rows[order], content[order]
 
 
 class VisionZip(ReducerMethod):
@@ -83,3 +117,7 @@ class VisionZip(ReducerMethod):
         metric = ctx.keys(self.key_layer(ctx.model)).mean(dim=1)
         tokens, self.last_selection = visionzip_tokens(hidden, ctx.cls_attention(), metric, dominant, contextual)
         return ctx.project(tokens)
+
+    def reduce_image(self, img: ImageTokens, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dominant, contextual = split_budget(k, float(self.hparams["dominant_ratio"]))
+        return visionzip_rows(img.tokens, img.score, img.keys, dominant, contextual)

@@ -9,6 +9,11 @@
 3. Keep important + diverse (spatial order); their projected tokens go to the LLM.
 
 ``important_ratio`` r: argparse default 0.5 (the README's 64-token example uses 0.75). No deviation.
+
+Qwen2-VL / Qwen2.5-VL (no [CLS] token): important tokens by the received attention of the last
+(full-attention) vision block (mean over heads and query rows, summed over each token's 2x2
+patches); de-duplication on the merger-output tokens (``dop.baselines.vision_access``); the other
+visual rows are dropped before decoder layer 0.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from dop.baselines.reducer import ReducerMethod, VisionContext
+from dop.baselines.reducer import ImageTokens, ReducerMethod, VisionContext
 
 
 def vispruner_select(cls_attention: torch.Tensor, features: torch.Tensor, k: int, ratio: float,
@@ -53,3 +58,7 @@ class VisPruner(ReducerMethod):
 
     def select(self, ctx: VisionContext, k: int) -> torch.Tensor:
         return vispruner_select(ctx.cls_attention(), ctx.features, k, float(self.hparams["important_ratio"]))
+
+    def select_image(self, img: ImageTokens, k: int) -> torch.Tensor:
+        ratio = float(self.hparams["important_ratio"])
+        return vispruner_select(img.score[None, None], img.tokens[None].float(), k, ratio)[0]
