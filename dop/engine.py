@@ -263,8 +263,9 @@ class LayerContext:
 
     ``hidden`` is the layer's input (B, T, D); ``groups`` the adapter's group masks; ``keep(type)``
     the rows kept at this layer so far. ``drop(rows, from_layer)`` removes rows (per sample) from
-    ``from_layer`` on; ``attention_probs`` recomputes attention rows from q/k, so selectors work
-    with any attention backend.
+    ``from_layer`` on; ``replace(rows, values)`` overwrites kept rows of the layer's input (a merging
+    method's recycled tokens); ``attention_probs`` recomputes attention rows from q/k, so selectors
+    work with any attention backend.
     """
 
     def __init__(self, pruner: Pruner, layer_idx: int, layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
@@ -296,6 +297,18 @@ class LayerContext:
         if rows.shape != self._call.valid.shape or rows.dtype != torch.bool:
             raise EngineError(f"drop rows must be a bool mask of shape {tuple(self._call.valid.shape)}")
         self._call.drops.append((start, rows.to(self._call.valid.device), tuple(OpType(t) for t in types)))
+
+    def replace(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite the layer input at ``rows`` (B, T) bool with ``values`` (B, T, D) at those rows;
+        the rows must be kept by every op of this layer (their new content then flows on)."""
+        if rows.shape != self._call.valid.shape or rows.dtype != torch.bool:
+            raise EngineError(f"replace rows must be a bool mask of shape {tuple(self._call.valid.shape)}")
+        if values.shape != self.hidden.shape:
+            raise EngineError(f"replace values must have the hidden shape {tuple(self.hidden.shape)}")
+        kept = self.keep(OpType.Q) & self.keep(OpType.KV) & self.keep(OpType.MLP)
+        if bool((rows & ~kept).any()):
+            raise EngineError(f"layer {self.layer_idx}: replace() touches rows that this layer does not keep")
+        self.hidden = torch.where(rows.unsqueeze(-1), values.to(self.hidden.dtype), self.hidden)
 
     def attention_probs(self, query_index: torch.Tensor, layer: nn.Module | None = None,
                         hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -354,6 +367,7 @@ def _make_layer_forward(pruner: Pruner, layer_idx: int, own_forward):
             ctx = LayerContext(pruner, layer_idx, layer, hidden_states, kwargs, call)
             for selector in pruner.selectors:
                 selector.before_layer(ctx)
+            hidden_states = ctx.hidden  # a selector may have replaced rows
         plan = pruner._plan(layer_idx, call)
         pruner.layer_forwards += 1
         if plan.dense:

@@ -140,6 +140,66 @@ def test_sparsevlm_raters_and_scores():
     assert score[0].argmax().item() == 2 and score[0, 3].item() == 0
 
 
+def test_density_peak_clusters_find_the_blobs():
+    from dop.baselines.sparsevlm import density_peak_clusters, recycled
+
+    g = torch.Generator().manual_seed(0)
+    centres_true = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.cat([c + 0.1 * torch.randn(5, 2, generator=g) for c in centres_true])  # 3 blobs of 5
+    centres, assign = density_peak_clusters(x, 3)
+    assert sorted(int(c) // 5 for c in centres) == [0, 1, 2]  # one centre per blob
+    blob_of_cluster = {k: int(c) // 5 for k, c in enumerate(centres)}
+    assert [blob_of_cluster[int(k)] for k in assign.argmax(1)] == [i // 5 for i in range(15)]
+    assert torch.equal(assign[centres].argmax(1), torch.arange(3))
+    assert recycled(276) == (83, 9) and recycled(0) == (0, 0) and recycled(1) == (1, 1)
+
+
+def test_replace_equals_editing_the_layer_input():
+    """A selector's replace() at layer 2 = the stock model with layer 2's input edited by a pre-hook."""
+    from dop.engine import prune
+
+    model, make_inputs = tiny("llava", "sdpa")
+    inputs = make_inputs(2, seed=1)
+    T = inputs["input_ids"].shape[1]
+    rows = torch.zeros(2, T, dtype=torch.bool)
+    rows[0, T - 4], rows[1, T - 6] = True, True
+    value = torch.randn(2, T, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    class Replace:
+        def before_layer(self, ctx):
+            if ctx.layer_idx == 2:
+                ctx.replace(rows, value)
+
+    with torch.no_grad(), prune(model, selectors=[Replace()]):
+        ours = model(**inputs).logits
+    layer = get_adapter(model).decoder_layers()[2]
+
+    def edit(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        h = torch.where(rows.unsqueeze(-1), value.to(h.dtype), h)
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+    handle = layer.register_forward_pre_hook(edit, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ref = model(**inputs).logits
+    finally:
+        handle.remove()
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(ours[valid], ref[valid], atol=1e-5, rtol=0)
+
+    class Bad:
+        def before_layer(self, ctx):
+            if ctx.layer_idx == 1:
+                ctx.drop(rows)
+                ctx.replace(rows, value)
+
+    from dop.engine import EngineError
+
+    with pytest.raises(EngineError, match="does not keep"), torch.no_grad(), prune(model, selectors=[Bad()]):
+        model(**inputs)
+
+
 def test_dart_keeps_one_of_each_duplicate_set():
     # vision rows 0..5 hold A, A, B, B, C, C; text row 6; pivots: row 0 (largest key) and row 6
     A, B, C, Tx = [1.0, 0, 0], [-1.0, 0.2, 0], [0, 0, 1.0], [0, 0, -1.0]
@@ -265,7 +325,12 @@ def test_sparsevlm_and_dart_and_vtw_schedules():
     sparse = get_method("sparsevlm")
     assert sparse.knob_values(PROMPT, 32) == [192, 128, 96, 64]
     kept = kept_tokens_per_layer(32, PROMPT, schedule=sparse.schedule(PROMPT, 32, 192))
-    assert kept == [576] * 3 + [300] * 4 + [200] * 9 + [110] * 16  # outputs of layers 2, 6, 15 pruned
+    # outputs of layers 2, 6, 15 pruned; + recycled clusters: 276 dropped -> 83 candidates -> 9 tokens,
+    # then 309 - 200 = 109 -> 33 -> 4, then 204 - 110 = 94 -> 29 -> 3
+    assert kept == [576] * 3 + [309] * 4 + [204] * 9 + [113] * 16
+    plain = get_method("sparsevlm", recycle=False)
+    kept = kept_tokens_per_layer(32, PROMPT, schedule=plain.schedule(PROMPT, 32, 192))
+    assert kept == [576] * 3 + [300] * 4 + [200] * 9 + [110] * 16
     dart = get_method("dart")
     assert kept_tokens_per_layer(32, PROMPT, schedule=dart.schedule(PROMPT, 32, 192))[1:3] == [576, 196]
     vtw = get_method("vtw")

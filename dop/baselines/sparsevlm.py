@@ -9,11 +9,17 @@
    pruning layer itself runs on all rows and its *outputs* are pruned: rows leave from ``l + 1``.
 3. Counts per stage are the v1.5 schedules per budget (``schedules``, 576 visual tokens), scaled by
    ``n_img / reference_tokens`` per sample on other models and rounded.
+4. Recycling (``recycle``, on as in the released code): of the ``d`` rows a stage drops, the top
+   ``int(0.3 d) + 1`` by score are clustered on the pruning layer's *outputs* into ``int(m / 10) + 1``
+   density-peak clusters (density from the mean squared distance to the ``c`` nearest, centres by
+   density x distance to a denser row, every row to its nearest centre) and each cluster's mean
+   becomes one token. Deviation: the engine inserts no rows, so each merged token takes the place
+   (and original position) of its cluster's centre row, which stays; the others leave. The
+   released code inserts them after the kept visual tokens at truncated positions, and adds 1e-6
+   noise to the densities (omitted: deterministic ties). FLOPs count the recycled tokens.
 
-Not implemented: v1's token recycling (top-30% of the dropped rows merged into density-peak
-clusters and re-inserted), v1's rank-adaptive counts, v2.0's RoPE de-biasing and head selection.
-The engine removes rows but does not insert new ones, so recycling would need an engine extension.
-Kept rows keep their original positions (v1/v1.5 truncate position ids).
+Not implemented: v1's rank-adaptive counts, v2.0's RoPE de-biasing and head selection. Kept rows
+keep their original positions (v1/v1.5 truncate position ids).
 
 Knob: the budget name of a published schedule (192, 128, 96 or 64 layer-averaged visual tokens).
 """
@@ -71,16 +77,58 @@ def _query_index(raters: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tenso
     return index, weight
 
 
+def recycled(dropped: int) -> tuple[int, int]:
+    """(candidates, clusters) of a stage dropping ``dropped`` rows: top 30% + 1, one cluster per 10 + 1."""
+    if dropped <= 0:
+        return 0, 0
+    m = int(dropped * 0.3) + 1
+    return m, int(m / 10) + 1
+
+
+def density_peak_clusters(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k,) centre rows and (n, k) one-hot assignment of the rows of ``x`` (n, C) (SparseVLM's
+    ``cluster_and_merge``: DPC-kNN)."""
+    n, C = x.shape
+    dist = torch.cdist(x, x) / C ** 0.5
+    density = (-(dist.topk(k, dim=-1, largest=False).values ** 2).mean(-1)).exp()
+    denser = density[None, :] > density[:, None]
+    delta = torch.where(denser, dist, dist.max()).min(dim=-1).values
+    centres = (delta * density).topk(k).indices
+    nearest = dist[:, centres].argmin(dim=-1)
+    nearest[centres] = torch.arange(k, device=x.device)  # a centre is its own cluster
+    return centres, torch.nn.functional.one_hot(nearest, k).to(x.dtype)
+
+
 class _SparseVLMSelector:
-    def __init__(self, stages: list[tuple[int, int]], reference_tokens: int) -> None:
-        self.stages, self.ref = dict(stages), reference_tokens
+    def __init__(self, stages: list[tuple[int, int]], reference_tokens: int, recycle: bool = True) -> None:
+        self.stages, self.ref, self.recycle = dict(stages), reference_tokens, recycle
         self.raters = self.n_img = None
+        self.pending: tuple[int, torch.Tensor] | None = None  # (layer, candidate rows) to recycle there
+
+    def _recycle(self, ctx) -> None:
+        """Merge the candidates on this layer's input (the pruning layer's outputs); centres stay."""
+        _, cand = self.pending
+        self.pending = None
+        merged, hosts = ctx.hidden.clone(), torch.zeros_like(cand)
+        for b in range(cand.shape[0]):
+            idx = cand[b].nonzero()[:, 0]
+            if len(idx) == 0:
+                continue
+            x = ctx.hidden[b, idx].float()
+            centres, assign = density_peak_clusters(x, recycled_clusters(len(idx)))
+            means = (assign.T @ x) / assign.sum(0)[:, None]
+            merged[b, idx[centres]] = means.to(merged.dtype)
+            hosts[b, idx[centres]] = True
+        ctx.drop(cand & ~hosts)
+        ctx.replace(hosts, merged)
 
     def before_layer(self, ctx) -> None:
         if ctx.layer_idx == 0:
             vision = ctx.groups[VISION]
             self.n_img = vision.sum(dim=1)
             self.raters = text_raters(ctx.hidden, vision, ctx.groups[INSTRUCTION])
+        if self.pending is not None and self.pending[0] == ctx.layer_idx:
+            self._recycle(ctx)
         count = self.stages.get(ctx.layer_idx)
         if count is None:
             return
@@ -90,7 +138,16 @@ class _SparseVLMSelector:
         qi, weight = _query_index(raters, ctx.valid)
         score = rater_scores(ctx.attention_probs(qi), weight)
         counts = [scaled_count(count, int(n), self.ref) for n in self.n_img.tolist()]
-        ctx.drop(allowed & ~topk_rows(score, allowed, counts), from_layer=ctx.layer_idx + 1)
+        dropped = allowed & ~topk_rows(score, allowed, counts)
+        if self.recycle:  # the best-scored dropped rows wait one layer to be merged (on its outputs)
+            cand = topk_rows(score, dropped, [recycled(int(d))[0] for d in dropped.sum(1).tolist()])
+            self.pending = (ctx.layer_idx + 1, cand)
+            dropped = dropped & ~cand
+        ctx.drop(dropped, from_layer=ctx.layer_idx + 1)
+
+
+def recycled_clusters(candidates: int) -> int:
+    return int(candidates / 10) + 1
 
 
 def scaled_count(count: int, n_img: int, reference_tokens: int) -> int:
@@ -102,7 +159,8 @@ class SparseVLM(Method):
     knob = "budget"  # which published schedule
     paper_convention = "fastv"
     defaults = {"version": "1.5", "pruning_layers": [2, 6, 15], "reference_layers": 32, "reference_tokens": 576,
-                "schedules": {192: [300, 200, 110], 128: [303, 110, 36], 96: [238, 48, 26], 64: [66, 30, 17]}}
+                "schedules": {192: [300, 200, 110], 128: [303, 110, 36], 96: [238, 48, 26], 64: [66, 30, 17]},
+                "recycle": True}
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
@@ -134,8 +192,14 @@ class SparseVLM(Method):
 
     def schedule(self, groups: Mapping[str, int], num_layers: int, knob: Any) -> list[dict[str, int]]:
         n, ref = int(groups.get(VISION, 0)), self.hparams["reference_tokens"]
-        changes = {layer + 1: {VISION: scaled_count(c, n, ref)} for layer, c in self.stages(num_layers, knob)}
+        changes, present = {}, n
+        for layer, c in self.stages(num_layers, knob):
+            kept = min(present, scaled_count(c, n, ref))
+            extra = recycled(present - kept)[1] if self.hparams["recycle"] else 0
+            present = kept + extra  # recycled tokens are visual rows from the next layer on
+            changes[layer + 1] = {VISION: present}
         return uniform_schedule(groups, num_layers, changes)
 
     def selectors(self, model: nn.Module, knob: Any) -> list[Any]:
-        return [_SparseVLMSelector(self.stages(num_layers_of(model), knob), self.hparams["reference_tokens"])]
+        return [_SparseVLMSelector(self.stages(num_layers_of(model), knob), self.hparams["reference_tokens"],
+                                   bool(self.hparams["recycle"]))]
