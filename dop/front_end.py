@@ -42,7 +42,7 @@ def hooks(model: nn.Module, policy: Policy | None) -> Iterator[list[Any]]:
         return
     from dop.baselines.vision_access import is_qwen
 
-    if is_qwen(model):
+    if is_qwen(model) and hasattr(reducer, "visual_selector"):  # token selection (input resizing has none)
         with reducer.visual_selector(model, policy.n_v) as selector:
             yield [selector]
         return

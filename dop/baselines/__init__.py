@@ -45,6 +45,7 @@ for _name, _target in {
     "divprune": "dop.baselines.divprune:DivPrune",
     "vispruner": "dop.baselines.vispruner:VisPruner",
     "cdpruner": "dop.baselines.cdpruner:CDPruner",
+    "resize": "dop.baselines.resize:InputResize",  # Qwen-VL input resizing (DOP's n_v front end there)
 }.items():
     register(_name, _target)
 
