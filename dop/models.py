@@ -13,8 +13,11 @@ from pathlib import Path
 import torch
 
 TINY_LLAVA = "tiny_llava"
+TINY_CLIP_TEXT = "tiny_clip_text"  # the CLIP text tower aligned with tiny_llava's vision tower (TRIM, CDPruner)
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TINY_LLAVA_DIR = ASSETS_DIR / "tiny_llava"
+TINY_CLIP_TEXT_DIR = ASSETS_DIR / "tiny_clip_text"
+EMBEDDED = {TINY_LLAVA: TINY_LLAVA_DIR, TINY_CLIP_TEXT: TINY_CLIP_TEXT_DIR}
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -36,15 +39,18 @@ def resolve_dtype(dtype) -> torch.dtype | str | None:
 
 
 def resolve_path(name_or_path: str) -> str:
-    """``"tiny_llava"`` -> the embedded checkpoint directory; anything else unchanged."""
-    if str(name_or_path) == TINY_LLAVA:
-        if not (TINY_LLAVA_DIR / "config.json").exists():
+    """An embedded checkpoint name (``"tiny_llava"``, ``"tiny_clip_text"``) -> its directory in
+    ``dop/assets``; anything else unchanged."""
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        path = EMBEDDED[name]
+        if not (path / "config.json").exists():
             raise FileNotFoundError(
-                f"the embedded tiny_llava checkpoint is missing at {TINY_LLAVA_DIR}; "
-                "rebuild it with the command in dop/assets/tiny_llava/README.md"
+                f"the embedded {name} checkpoint is missing at {path}; "
+                f"rebuild it with the command in dop/assets/{name}/README.md"
             )
-        return str(TINY_LLAVA_DIR)
-    return str(name_or_path)
+        return str(path)
+    return name
 
 
 def load_processor(name_or_path: str):

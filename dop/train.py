@@ -211,7 +211,7 @@ def batch_for_step(processor, step: int, cfg: TrainConfig) -> dict:
     return {**dict(inputs), "n_target": n_target, "cell_colour": col, "cell_shape": shp}
 
 
-class _StepIndex(torch.utils.data.Dataset):
+class StepIndex(torch.utils.data.Dataset):
     """A dataloader of step numbers; the module builds each batch from its global step."""
 
     def __init__(self, n: int):
@@ -431,7 +431,7 @@ def fit(cfg: TrainConfig, run_dir, out_dir=None, *, resume: bool = True, logger=
         enable_progress_bar=bool(cfg.progress_bar), enable_model_summary=False,
         default_root_dir=str(run_dir), num_sanity_val_steps=0, log_every_n_steps=50,
     )
-    loader = torch.utils.data.DataLoader(_StepIndex(int(cfg.steps)), batch_size=None, shuffle=False)
+    loader = torch.utils.data.DataLoader(StepIndex(int(cfg.steps)), batch_size=None, shuffle=False)
     ckpt_path = str(last) if (resume and last.exists()) else None
     start_step = 0
     if ckpt_path:

@@ -6,9 +6,11 @@ patch 8), so ``visual_projection.in_features`` equals the LLaVA tower width, and
 ``CLIPTokenizer`` (byte-level BPE, ``tokenizers`` backend) next to it; ``text_tower=<path>`` then
 runs the real loading path (``CLIPModel.from_pretrained`` + ``AutoTokenizer.from_pretrained``).
 
-The vocabulary is laid out like OpenAI CLIP's: the 256 byte symbols, the same with ``</w>``, merges
-that build the words of the synthetic benchmark, then ``<|startoftext|>`` and ``<|endoftext|>``
-last (so ``<|endoftext|>`` has the largest id, and the pad token is ``<|endoftext|>``). The text
+The vocabulary (``dop.clip_text.clip_vocab``, also the builder of the shipped
+``dop/assets/tiny_clip_text`` tokenizer) is laid out like OpenAI CLIP's: the 256 byte symbols, the
+same with ``</w>``, merges that build the words of the synthetic benchmark, then
+``<|startoftext|>`` and ``<|endoftext|>`` last (so ``<|endoftext|>`` has the largest id, and the
+pad token is ``<|endoftext|>``). The text
 config keeps the legacy ``eos_token_id=2`` of the OpenAI checkpoints (HF then pools at the argmax
 id, which is ``<|endoftext|>``). ``max_position_embeddings`` is small (16) so that a long
 instruction exceeds it (CDPruner's segmenting, TRIM's truncation).
@@ -20,7 +22,10 @@ from pathlib import Path
 
 import torch
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+from dop.clip_text import BOS, EOS  # noqa: F401  (re-exported for tests)
+from dop.clip_text import clip_tokenizer as _clip_tokenizer
+from dop.clip_text import clip_vocab as _clip_vocab
+
 WORDS = ["what", "is", "the", "colour", "shape", "of", "object", "objects", "at", "top_left", "top_right",
          "bottom_left", "bottom_right", "how", "many", "are", "there", "red", "blue", "green", "yellow",
          "orange", "purple", "circle", "square", "triangle", "where", "right", "image", "describe", "list",
@@ -28,43 +33,14 @@ WORDS = ["what", "is", "the", "colour", "shape", "of", "object", "objects", "at"
 MAX_POSITIONS = 16
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte -> printable unicode symbol table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
 def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(vocab, merges) of a small CLIP byte-level BPE whose merges spell ``WORDS``."""
-    symbols = list(_bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols]
-    merges: list[tuple[str, str]] = []
-    for word in WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        cur = parts[0]
-        for nxt in parts[1:]:
-            merge = (cur, nxt)
-            cur = cur + nxt
-            if merge not in merges:
-                merges.append(merge)
-                if cur not in tokens:
-                    tokens.append(cur)
-    tokens += [BOS, EOS]
-    return {t: i for i, t in enumerate(tokens)}, merges
+    """(vocab, merges) of a small CLIP byte-level BPE in which every word of ``WORDS`` is one token
+    (per piece: ``top_left`` is ``top``, ``_``, ``left``), built by ``dop.clip_text.clip_vocab``."""
+    return _clip_vocab(WORDS)
 
 
 def clip_tokenizer():
-    from transformers import CLIPTokenizer
-
-    vocab, merges = clip_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_POSITIONS)
+    return _clip_tokenizer(WORDS, model_max_length=MAX_POSITIONS)
 
 
 def tiny_clip(vision_hidden: int = 64, image_size: int = 32, patch_size: int = 8, seed: int = 0):

@@ -277,13 +277,21 @@ def test_generate_without_a_forward_first(llava, clip_dir, images, name):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["trim", "cdpruner"])
 def test_method_yaml_exposes_the_text_tower(name):
+    """``text_tower`` defaults to the model config's ``clip_text_tower`` (null when there is none),
+    ``text_tokenizer`` to null; both commented."""
     text = (ROOT / "conf" / "method" / f"{name}.yaml").read_text()
-    for key in ("text_tower", "text_tokenizer"):
+    defaults = {"text_tower": "${oc.select:model.clip_text_tower,null}", "text_tokenizer": "null"}
+    for key, default in defaults.items():
         (line,) = [ln for ln in text.splitlines() if ln.startswith(f"{key}:")]
-        assert line.split("#")[0].split(":", 1)[1].strip() == "null" and "#" in line  # null, with a comment
-    cfg = yaml.safe_load(text)
-    m = get_method(name, **{k: v for k, v in cfg.items() if k != "name"})
-    assert m.hparams == {"text_tower": None, "text_tokenizer": None}
+        assert line.split("  #")[0].split(":", 1)[1].strip() == default and "#" in line
+    from omegaconf import OmegaConf
+
+    for model_node, tower in (({}, None), ({"clip_text_tower": None}, None),
+                              ({"clip_text_tower": "tiny_clip_text"}, "tiny_clip_text")):
+        cfg = OmegaConf.create({"model": model_node, "method": yaml.safe_load(text)})
+        node = OmegaConf.to_container(cfg.method, resolve=True)
+        m = get_method(name, **{k: v for k, v in node.items() if k != "name"})
+        assert m.hparams == {"text_tower": tower, "text_tokenizer": None}
 
 
 def _compose(overrides, tmp_path, data):
@@ -334,7 +342,7 @@ def test_cli_evaluate_trim_without_a_text_tower_fails_before_any_forward(synthet
 
     monkeypatch.setattr(LlavaForConditionalGeneration, "forward", no_forward)
     monkeypatch.setattr(stage, "evaluate_benchmark", no_forward)
-    for name in ("trim", "cdpruner"):
+    for name in ("trim", "cdpruner"):  # tiny_llava names its text tower: take it away
         with pytest.raises(MethodError, match="needs a CLIP text tower.*text_tower="):
-            stage.run(_compose([f"method={name}"], tmp_path, synthetic_data))
+            stage.run(_compose([f"method={name}", "model.clip_text_tower=null"], tmp_path, synthetic_data))
     assert not (tmp_path / "results").exists() or not list((tmp_path / "results").rglob("*.json"))

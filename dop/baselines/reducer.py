@@ -430,7 +430,9 @@ class TextGuidedReducer(ReducerMethod):
 
     ``text_tower``: a path/hub id of a CLIP checkpoint (loaded as ``CLIPModel``: text model,
     ``text_projection`` and the ``visual_projection`` that maps the tower's patch features into the
-    joint space; for LLaVA-1.5 ``openai/clip-vit-large-patch14-336``) or a ``CLIPModel`` instance.
+    joint space; for LLaVA-1.5 ``openai/clip-vit-large-patch14-336``; for the embedded tiny LLaVA
+    ``"tiny_clip_text"``, resolved by ``dop.models.resolve_path`` to ``dop/assets/tiny_clip_text``;
+    ``conf/model/*.yaml: clip_text_tower`` names each model's) or a ``CLIPModel`` instance.
     ``text_tokenizer``: its tokenizer (default: loaded from ``text_tower`` when that is a path).
     The instruction comes from ``inputs["instruction"]`` (one string per sample) in ``prepare_inputs``.
 
@@ -449,14 +451,19 @@ class TextGuidedReducer(ReducerMethod):
             if isinstance(spec, str):
                 from transformers import AutoTokenizer, CLIPModel
 
-                clip = CLIPModel.from_pretrained(spec).eval()
-                tok = AutoTokenizer.from_pretrained(tok if isinstance(tok, str) else spec) if not callable(tok) else tok
+                from dop.models import resolve_path  # "tiny_clip_text" -> dop/assets/tiny_clip_text
+
+                clip = CLIPModel.from_pretrained(resolve_path(spec)).eval()
+                tok = AutoTokenizer.from_pretrained(resolve_path(tok if isinstance(tok, str) else spec)) \
+                    if not callable(tok) else tok
             else:
                 clip = spec
                 if isinstance(tok, str):
                     from transformers import AutoTokenizer
 
-                    tok = AutoTokenizer.from_pretrained(tok)
+                    from dop.models import resolve_path
+
+                    tok = AutoTokenizer.from_pretrained(resolve_path(tok))
             self._clip, self._clip_tok = clip, tok
         return self._clip, self._clip_tok
 
