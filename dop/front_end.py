@@ -34,15 +34,15 @@ def prepare_inputs(model: nn.Module, inputs: Mapping[str, Any], policy: Policy |
 @contextlib.contextmanager
 def hooks(model: nn.Module, policy: Policy | None) -> Iterator[list[Any]]:
     """The reducer's hooks for the block, yielding the engine selectors it needs (used by
-    ``dop.engine.prune``): none on LLaVA, whose prompt is shortened; on Qwen-VL, whose prompt keeps
-    every placeholder, the selector that drops the other visual rows before layer 0."""
+    ``dop.engine.prune``): none on LLaVA-1.5, whose prompt is shortened; on Qwen-VL and LLaVA-NeXT,
+    whose prompt keeps every placeholder, the selector that drops the other visual rows before layer 0."""
     reducer = policy.front_end() if policy is not None else None
     if reducer is None:
         yield []
         return
-    from dop.baselines.vision_access import is_qwen
+    from dop.baselines.reducer import drops_rows
 
-    if is_qwen(model) and hasattr(reducer, "visual_selector"):  # token selection (input resizing has none)
+    if drops_rows(model) and hasattr(reducer, "visual_selector"):  # token selection (input resizing has none)
         with reducer.visual_selector(model, policy.n_v) as selector:
             yield [selector]
         return
@@ -52,17 +52,17 @@ def hooks(model: nn.Module, policy: Policy | None) -> Iterator[list[Any]]:
 
 def tokens_per_image(model: nn.Module, reducer: str, vision_rows: Sequence[int] = ()) -> int:
     """Visual tokens per image before reduction (the dense end of the ``n_v`` axis): from the config
-    on LLaVA; on Qwen-VL, where it depends on the image, the most ``vision_rows`` of a sample (one
-    image per calibration sample)."""
+    on LLaVA-1.5; on Qwen-VL and LLaVA-NeXT, where it depends on the image, the most ``vision_rows``
+    of a sample (one image per calibration sample)."""
     from dop.baselines import get_method
+    from dop.baselines.reducer import drops_rows
     from dop.baselines.reducer import tokens_per_image as count
-    from dop.baselines.vision_access import is_qwen
 
     get_method(reducer).check_model(model)  # refuses a family the reducer does not support, naming it
-    if is_qwen(model):
+    if drops_rows(model):
         if not vision_rows:
-            raise PolicyError("n_v on Qwen-VL: the visual tokens per image come from the calibration set, "
-                              "and it has none")
+            raise PolicyError("n_v on Qwen-VL / LLaVA-NeXT: the visual tokens per image come from the "
+                              "calibration set, and it has none")
         return int(max(vision_rows))
     return int(count(model))
 

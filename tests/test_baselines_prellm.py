@@ -307,8 +307,9 @@ def test_text_guided_needs_instruction(llava, clip_tower):
 
 
 def test_unsupported_family_is_a_clear_error():
-    model, _ = BUILDERS["llava_next"](attn="sdpa")
-    with pytest.raises(MethodError, match=r"supports model types \['llava', 'qwen2_vl', 'qwen2_5_vl'\].*llava_next"):
+    model, _ = BUILDERS["internvl"](attn="sdpa")
+    with pytest.raises(MethodError, match=r"supports model types \['llava', 'qwen2_vl', 'qwen2_5_vl', 'llava_next'\]"
+                                          r".*internvl"):
         get_method("fastervlm").check_model(model)
 
 

@@ -82,7 +82,8 @@ def build_llava(attn: str = "eager", layers: int = 4, seed: int = 0):
     return model, make_inputs
 
 
-def build_llava_next(attn: str = "eager", layers: int = 4, seed: int = 0):
+def build_llava_next(attn: str = "eager", layers: int = 4, seed: int = 0, crop: int = 28):
+    """``crop``: the CLIP input side (28: 2x2 patches per crop; 56: 4x4, room for unpadding)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -94,21 +95,23 @@ def build_llava_next(attn: str = "eager", layers: int = 4, seed: int = 0):
 
     torch.manual_seed(seed)
     tok = tokenizer()
-    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
-                                    image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
+    pinpoints = [[crop, 2 * crop], [2 * crop, crop], [2 * crop, 2 * crop]]
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop},
+                                    image_grid_pinpoints=pinpoints)
     proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                               num_additional_image_tokens=1, image_token="<image>")
     vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=28, patch_size=14, projection_dim=32)
+                            image_size=crop, patch_size=14, projection_dim=32)
     cfg = LlavaNextConfig(vision_config=vcfg, text_config=LlamaConfig(**text_config(num_hidden_layers=layers)),
-                          image_token_index=IDS["<image>"], image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+                          image_token_index=IDS["<image>"], image_grid_pinpoints=pinpoints,
                           vision_feature_select_strategy="default", vision_feature_layer=-2)
     model = LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
 
-    def make_inputs(batch: int = 1, seed: int = 0):
+    def make_inputs(batch: int = 1, seed: int = 0, sizes=None):  # sizes: (H, W) per image, cycled
         rng = np.random.default_rng(seed)
-        sizes = [(28, 56), (56, 28), (56, 56)]
-        imgs = [Image.fromarray(rng.integers(0, 255, (*sizes[i % 3], 3), dtype=np.uint8)) for i in range(batch)]
+        sizes = sizes or [(crop, 2 * crop), (2 * crop, crop), (2 * crop, 2 * crop)]
+        imgs = [Image.fromarray(rng.integers(0, 255, (*sizes[i % len(sizes)], 3), dtype=np.uint8))
+                for i in range(batch)]
         texts = _texts(batch, seed, "<s> {sys} USER: <image> {q} ASSISTANT:")
         return proc(images=imgs, text=texts, return_tensors="pt", padding=True)
 

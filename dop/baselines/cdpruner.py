@@ -15,7 +15,9 @@ numbers on instructions longer than 77 tokens. Otherwise no deviation (the offic
 theta-weighting is commented out there too).
 
 LLaVA-1.5 only: the relevance needs a CLIP text tower in the vision tower's joint space, and
-Qwen-VL's vision tower is not CLIP (``check_model`` names the reason).
+Qwen-VL's vision tower is not CLIP (``check_model`` names the reason). LLaVA-NeXT is refused too: its tower is the
+same CLIP-L/336, so the text tower would fit, but scoring each crop's packed rows against the
+instruction (images -> samples in ``dop.baselines.vision_access_next``) is not implemented yet.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from dop.baselines.reducer import LLAVA_ONLY, TextGuidedReducer, VisionContext, 
 
 _LLAVA_ONLY_WHY = ("; CDPruner's relevance compares patches with the instruction in CLIP's joint image-text "
                    "space, and Qwen-VL's vision tower is not a CLIP encoder: no CLIP text tower shares its "
-                   "feature space")
+                   "feature space"
+                   "; on LLaVA-NeXT (the same CLIP-L/336 tower, so its text tower would fit) the per-crop "
+                   "text relevance over the packed rows is not implemented yet")
 
 
 def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:

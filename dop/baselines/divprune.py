@@ -8,6 +8,9 @@ Text-agnostic, no attention. ``SUBSET_RATIO`` = k / N; here the knob is ``k`` it
 
 Qwen2-VL / Qwen2.5-VL: the same selection per image on the merger-output tokens (the LLM's visual
 tokens, ``dop.baselines.vision_access``); the other visual rows are dropped before decoder layer 0.
+
+LLaVA-NeXT: the same selection per image over all its packed patch rows (the LLM's input embeddings,
+every crop at once; newline rows are not candidates), ``dop.baselines.vision_access_next``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class DivPrune(ReducerMethod):
     name: ClassVar[str] = "divprune"
     paper_convention: ClassVar[str | None] = "fastv"
     defaults: ClassVar[dict] = {}
+    crop_wise: ClassVar[bool] = False  # LLaVA-NeXT: one subset over all the image's packed patch rows
 
     def attn_layers(self, model) -> list[int]:
         return []

@@ -19,6 +19,11 @@ block (mean over heads and query rows, summed over each token's 2x2 patches, a d
 image's tokens); keys are that block's (pre-rotary, all heads, mean over the token's patches). The
 extra token takes the row (position) of the highest-scoring non-kept token; the other visual rows are
 dropped before decoder layer 0.
+
+LLaVA-NeXT (``dop.baselines.vision_access_next``): per crop, the Qwen-style row variant above on the
+crop's packed patch rows, with ``cls_attn`` = that crop's [CLS] attention at the feature layer (head
+mean; official PruMerge+: the last layer, one head over the full width) and the feature layer's keys;
+merging is on projected rows.
 """
 
 from __future__ import annotations

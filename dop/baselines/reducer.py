@@ -25,9 +25,12 @@ Qwen2.5-VL (``qwen2_vl``, ``qwen2_5_vl``), where the prompt is *not* shortened: 
 output is reduced per image and the other visual rows are dropped before decoder layer 0 by an
 engine selector, kept rows at their original M-RoPE positions (``dop.baselines.vision_access``;
 methods implement ``reduce_image``/``select_image`` there). FLOPs are the same on both paths
-(``schedule``). Other families (LLaVA-NeXT and OneVision pack crops and newlines after the
-projector, InternVL pixel-shuffles tiles, Qwen3-VL adds deepstack features) raise ``MethodError`` in
-``check_model``, naming the supported ones.
+(``schedule``). LLaVA-NeXT (``llava_next``) works like Qwen-VL: the prompt keeps every placeholder,
+``k`` of each image's packed rows are kept per image (split over its crops, each crop scored by its
+own [CLS] attention) and the others dropped before layer 0 (``dop.baselines.vision_access_next``).
+Other families (OneVision's SigLIP has no [CLS] and its packing interpolates, InternVL
+pixel-shuffles tiles, Qwen3-VL adds deepstack features) raise ``MethodError`` in ``check_model``,
+naming the supported ones.
 """
 
 from __future__ import annotations
@@ -48,11 +51,23 @@ from dop.baselines.vision_access import (
     check_qwen_tower,
     is_qwen,
 )
+from dop.baselines.vision_access_next import (
+    NEXT_MODEL_TYPES,
+    NextVisualReducer,
+    check_next_tower,
+    is_llava_next,
+)
 from dop.engine import prune
 from dop.ops import VISION
 
-SUPPORTED_MODEL_TYPES = ("llava", *QWEN_MODEL_TYPES)
+SUPPORTED_MODEL_TYPES = ("llava", *QWEN_MODEL_TYPES, *NEXT_MODEL_TYPES)
 LLAVA_ONLY = ("llava",)
+
+
+def drops_rows(model: nn.Module) -> bool:
+    """Whether the reducers keep the prompt and drop visual rows before layer 0 (Qwen-VL, LLaVA-NeXT)
+    instead of shortening it (LLaVA-1.5)."""
+    return is_qwen(model) or is_llava_next(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,11 +86,14 @@ def check_reducible(model: nn.Module, method: str, model_types: tuple[str, ...] 
     cfg = getattr(model, "config", None)
     mtype = getattr(cfg, "model_type", None)
     if mtype not in model_types:
-        names = {"llava": "LLaVA-1.5", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+        names = {"llava": "LLaVA-1.5", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "llava_next": "LLaVA-NeXT"}
         raise MethodError(f"method {method!r} (pre-LLM reducer) supports model types {list(model_types)} "
                           f"({', '.join(names.get(t, t) for t in model_types)}); got {mtype!r}{why}")
     if mtype in QWEN_MODEL_TYPES:
         check_qwen_tower(model, method)
+        return
+    if mtype in NEXT_MODEL_TYPES:
+        check_next_tower(model, method)
         return
     inner = getattr(model, "model", None)
     if getattr(inner, "multi_modal_projector", None) is None or getattr(inner, "vision_tower", None) is None:
@@ -100,6 +118,9 @@ def tokens_per_image(model: nn.Module) -> int:
     if is_qwen(model):
         raise MethodError("Qwen-VL tokens per image depend on the image size: use "
                           "dop.baselines.vision_access.merged_tokens_per_image(model, image_grid_thw)")
+    if is_llava_next(model):
+        raise MethodError("LLaVA-NeXT tokens per image depend on the image size (anyres crops, unpadding, "
+                          "newline rows): count the <image> placeholders of the processed prompt")
     vc = model.config.vision_config
     return (int(vc.image_size) // int(vc.patch_size)) ** 2
 
@@ -254,6 +275,7 @@ class ReducerMethod(Method):
     kind: ClassVar[str] = "pre_llm"
     knob: ClassVar[str] = "keep"
     needs_text: ClassVar[bool] = False
+    crop_wise: ClassVar[bool] = True  # LLaVA-NeXT: split k over each image's crops (False: pick over the image)
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
@@ -301,12 +323,15 @@ class ReducerMethod(Method):
 
     @contextmanager
     def visual_selector(self, model: nn.Module, knob: Any) -> Iterator[QwenVisualReducer]:
-        """Qwen-VL: only the tower hooks, yielding the engine selector that drops the other visual rows
-        before layer 0; for a caller that runs its own ``dop.engine.prune`` (``apply`` = this + prune)."""
+        """Qwen-VL / LLaVA-NeXT: only the tower hooks, yielding the engine selector that drops the other
+        visual rows before layer 0; for a caller that runs its own ``dop.engine.prune`` (``apply`` = this
+        + prune)."""
         self.check_model(model)
-        if not is_qwen(model):
-            raise MethodError(f"method {self.name!r}: visual_selector is for Qwen-VL; LLaVA shortens the prompt")
-        with QwenVisualReducer(model, self, max(int(knob), 0)) as selector:
+        if not drops_rows(model):
+            raise MethodError(f"method {self.name!r}: visual_selector is for Qwen-VL and LLaVA-NeXT; LLaVA-1.5 "
+                              "shortens the prompt")
+        cls = NextVisualReducer if is_llava_next(model) else QwenVisualReducer
+        with cls(model, self, max(int(knob), 0)) as selector:
             yield selector
 
     def prepare_inputs(self, model: nn.Module, inputs: Mapping[str, Any], knob: Any) -> Mapping[str, Any]:
@@ -322,7 +347,7 @@ class ReducerMethod(Method):
             self._texts = self.encode_text(list(instruction))
         if "inputs_embeds" in out:
             raise MethodError(f"method {self.name!r}: pass input_ids, not inputs_embeds")
-        if is_qwen(model):  # the prompt keeps every placeholder; rows are dropped before layer 0
+        if drops_rows(model):  # the prompt keeps every placeholder; rows are dropped before layer 0
             return out
         n = tokens_per_image(model)
         k = min(int(knob), n)
@@ -339,7 +364,7 @@ class ReducerMethod(Method):
     @contextmanager
     def apply(self, model: nn.Module, knob: Any) -> Iterator[Any]:
         self.check_model(model)
-        if is_qwen(model):
+        if drops_rows(model):
             try:
                 with self.visual_selector(model, knob) as selector, prune(model, selectors=[selector]) as pruner:
                     self.pruner = pruner

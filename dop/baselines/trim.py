@@ -13,7 +13,9 @@ that score + the pooled token (the IQR count would make ``k`` image dependent; t
 baseline tables use ratio = k / 576). The question is truncated to CLIP's 77 tokens, as in TRIM.
 
 LLaVA-1.5 only: Qwen-VL's vision tower is not CLIP, so there is no text tower in its feature space
-(``check_model`` names the reason).
+(``check_model`` names the reason). LLaVA-NeXT is refused too: its tower is the
+same CLIP-L/336, so the text tower would fit, but scoring each crop's packed rows against the
+instruction (images -> samples in ``dop.baselines.vision_access_next``) is not implemented yet.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from dop.baselines.reducer import (
 )
 
 _LLAVA_ONLY_WHY = ("; TRIM scores patches against the question in CLIP's joint image-text space, and "
-                   "Qwen-VL's vision tower is not a CLIP encoder: no CLIP text tower shares its feature space")
+                   "Qwen-VL's vision tower is not a CLIP encoder: no CLIP text tower shares its feature space"
+                   "; on LLaVA-NeXT (the same CLIP-L/336 tower, so its text tower would fit) the per-crop "
+                   "text relevance over the packed rows is not implemented yet")
 
 
 def trim_scores(patch_embeds: torch.Tensor, text_embeds: list[torch.Tensor]) -> torch.Tensor:

@@ -45,6 +45,7 @@ class ImageTokens:
     score: torch.Tensor  # (N,) received attention of the score block, summed over each token's patches
     keys: torch.Tensor  # (N, C) score block keys (pre-rotary), mean over each token's patches
     grid: tuple[int, int, int]  # (t, h, w) in merged tokens
+    features: torch.Tensor | None = None  # (N, C) vision features before the projector (LLaVA-NeXT crops)
 
 
 def is_qwen(model: nn.Module) -> bool:
@@ -149,6 +150,8 @@ class QwenVisualReducer:
     their (k, D) new contents (``None``: unchanged); after each tower call ``method.last_selection``
     is the list of kept indices per image (all of an image's tokens when ``k`` covers them)."""
 
+    inputs_hint = "pixel_values and image_grid_thw"  # what the model must be given (error messages)
+
     def __init__(self, model: nn.Module, method: Any, k: int) -> None:
         self.model, self.method, self.k, self.name = model, method, int(k), method.name
         self.keep: torch.Tensor | None = None  # (visual rows of the call,) bool, consumed at layer 0
@@ -223,7 +226,7 @@ class QwenVisualReducer:
         if keep is None or keep.numel() != n:
             got = "no image features" if keep is None else f"{keep.numel()} image features"
             raise MethodError(f"method {self.name!r}: the prompt has {n} visual rows but the vision tower gave "
-                              f"{got} in this call (pass pixel_values and image_grid_thw, not precomputed features)")
+                              f"{got} in this call (pass {self.inputs_hint}, not precomputed features)")
         drop = torch.zeros_like(vision)
         drop[vision] = ~keep.to(vision.device)  # row-major: the order Qwen scatters image features in
         ctx.drop(drop, from_layer=0)

@@ -22,6 +22,12 @@ merger-output tokens: ``dominant`` tokens (all patches) by the received attentio
 (full-attention) vision block; the contextual merge as above with that block's keys (pre-rotary, all
 heads, mean over each token's 2x2 patches) as the metric, merging merger outputs. Each contextual
 token takes its target's row (position); the other visual rows are dropped before decoder layer 0.
+
+LLaVA-NeXT (``dop.baselines.vision_access_next``): per crop as officially (dominant by that crop's
+[CLS] attention at the feature layer, head mean: the same ranking as the head sum), the Qwen-style
+row variant above on the crop's packed patch rows with the feature layer's keys (heads concatenated;
+official: layer 22's head-mean keys, = the feature layer on CLIP-L) and merging projected rows; the
+crops' [CLS] tokens are not kept (no row for them in the packed prompt).
 """
 
 from __future__ import annotations

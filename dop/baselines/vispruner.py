@@ -14,6 +14,11 @@ Qwen2-VL / Qwen2.5-VL (no [CLS] token): important tokens by the received attenti
 (full-attention) vision block (mean over heads and query rows, summed over each token's 2x2
 patches); de-duplication on the merger-output tokens (``dop.baselines.vision_access``); the other
 visual rows are dropped before decoder layer 0.
+
+LLaVA-NeXT (``dop.baselines.vision_access_next``): as in the official code, per crop with that
+crop's own [CLS] attention, de-duplicating on the crop's vision-tower features; ``k`` per image is
+split evenly over the crops (official: ``visual_token_num`` per crop), candidates are the packed
+patch rows (after unpad; no newline rows), the other visual rows are dropped before layer 0.
 """
 
 from __future__ import annotations
@@ -61,4 +66,5 @@ class VisPruner(ReducerMethod):
 
     def select_image(self, img: ImageTokens, k: int) -> torch.Tensor:
         ratio = float(self.hparams["important_ratio"])
-        return vispruner_select(img.score[None, None], img.tokens[None].float(), k, ratio)[0]
+        feats = img.tokens if img.features is None else img.features  # LLaVA-NeXT: pre-projector, as officially
+        return vispruner_select(img.score[None, None], feats[None].float(), k, ratio)[0]

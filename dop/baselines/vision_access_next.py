@@ -1,0 +1,256 @@
+"""LLaVA-NeXT vision-tower access for the pre-LLM reducers (``dop.baselines.reducer``).
+
+As on Qwen-VL (``dop.baselines.vision_access``), the prompt is **not** shortened: the method picks
+``k`` of each image's *packed* visual rows (the rows the LLM gets at its ``<image>`` placeholders)
+and an engine selector drops the other visual rows before decoder layer 0; kept rows keep their
+original positions.
+
+Packing. LLaVA-NeXT runs every crop of an image (the base image + the anyres crops) through CLIP
+on its own (each crop has its own [CLS]), projects the patches, and ``LlavaNextModel.
+pack_image_features`` lays them out as: the base crop's patches, then the anyres crops stitched
+into one grid, *unpadded* (rows/columns of the letterbox padding removed) with one ``image_newline``
+row after each grid row. The reducer wraps ``pack_image_features`` on the model instance (removed on
+exit; generate calls ``get_image_features`` before ``model.model`` runs, and this is the one place
+that sees both the projected crops and ``image_sizes``) and runs transformers' own packing a second
+time on index-coded features (``packing_map``), so for each packed row it knows the (crop, patch)
+it came from, or that it is a newline row; the unpad arithmetic is never re-implemented here.
+
+What the official LLaVA-NeXT code of FasterVLM, VisPruner, CDPruner and VisionZip does
+(``Theia-4869/{FasterVLM,VisPruner,CDPruner}`` ``llava/model/llava_arch.py``,
+``dvlab-research/VisionZip`` ``restore_image_features_sorted``): the tower runs on all crops as one
+batch and the method keeps ``T`` patches **per crop**, scored by **that crop's own [CLS]
+attention** (head mean; VisionZip: head sum), then the kept patches are laid out base crop first
+and the other crops as one raster grid. Their packing is ``spatial`` **without** ``unpad`` (FasterVLM
+hard-codes ``'spatial'``; VisPruner/CDPruner do ``mm_patch_merge_type.replace('_unpad', '')``), so no
+``image_newline`` row reaches the LLM and padded patches are candidates. ``visual_token_num`` is per
+crop (LLaVA-NeXT-7B: 5 crops x 576 = 2880; 640/320/160 = 5 x 128/64/32).
+
+What dop does (``k`` is per image, so FLOPs ``schedule`` = ``k`` visual rows per image):
+
+- candidates: the image's packed **patch** rows (after transformers' unpad: padded patches have no
+  row in the stock prompt, so they cannot be kept; official: they could be). Newline rows are not
+  candidates (the official ports send none); they are dropped, except that when ``k`` exceeds the
+  image's patch rows the first ``k - patches`` newline rows are kept too, so exactly
+  ``min(k, packed rows)`` visual rows reach layer 0 (and ``k >= packed rows`` is the stock model);
+- per crop: ``k`` is split as evenly as possible over the image's crops (base crop first for the
+  remainder; a crop with fewer candidate rows than its share gives the rest to the others), and
+  each crop's share is picked by the method's per-image rule (``ReducerMethod.reduce_image``) on
+  an ``ImageTokens`` of that crop's candidate rows: ``tokens`` = their projected rows, ``score`` =
+  that crop's [CLS] attention at the feature layer (softmax over [CLS] + all the crop's patches,
+  head mean, recomputed from the captured ``self_attn`` input with the layer's ``q_proj``/``k_proj``
+  as ``VisionContext.cls_attention`` does; the tower keeps its attention backend), ``keys`` = the
+  feature layer's keys (heads concatenated), ``features`` = the patches' vision-tower features
+  (before the projector). Methods with ``crop_wise = False`` (DivPrune, a diversity subset of the
+  LLM's input embeddings) pick ``k`` over all the image's patch rows at once;
+- merging methods (VisionZip, PruMerge+) rewrite kept rows' contents in the LLM space (merged
+  projected rows, as on Qwen-VL); the official ones merge vision features and project them, and
+  VisionZip also appends each crop's [CLS] token, which has no row here.
+- kept rows keep their positions in the full packed prompt (official: the shortened prompt is
+  re-numbered contiguously).
+
+LLaVA-OneVision is not supported: its SigLIP tower has no [CLS] token (``full`` feature strategy)
+and ``anyres_max`` packing bilinearly downsamples large grids, so a packed row is not one patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dop.baselines.base import MethodError
+from dop.baselines.vision_access import ImageTokens, QwenVisualReducer
+
+NEXT_MODEL_TYPES = ("llava_next",)
+
+
+def is_llava_next(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) in NEXT_MODEL_TYPES
+
+
+@dataclass
+class PackedRows:
+    """One image's packed rows: for each, the crop (0 = base) and patch it came from; -1 = newline."""
+
+    crop: torch.Tensor  # (rows,) long
+    patch: torch.Tensor  # (rows,) long
+
+    @property
+    def is_patch(self) -> torch.Tensor:
+        return self.crop >= 0
+
+
+def packing_map(model: nn.Module, crops: list[int], image_sizes: Any, patches: int,
+                device: torch.device | None = None) -> list[PackedRows]:
+    """Per image, the (crop, patch) of each packed row, from transformers' ``pack_image_features``
+    run on index-coded features (value ``crop * patches + patch``; newline = -1)."""
+    inner = model.model
+    coded = [torch.arange(c * patches, dtype=torch.float64).view(c, patches, 1) for c in crops]
+    packed, _ = type(inner).pack_image_features(inner, coded, image_sizes, vision_feature_select_strategy="default",
+                                                image_newline=torch.tensor([-1.0], dtype=torch.float64))
+    out = []
+    for p in packed:
+        code = p[:, 0].round().long()
+        newline = code < 0
+        out.append(PackedRows(torch.where(newline, -1, code // patches).to(device),
+                              torch.where(newline, -1, code % patches).to(device)))
+    return out
+
+
+def crop_quotas(k: int, candidates: list[int]) -> list[int]:
+    """``k`` (capped at the candidates) split as evenly as possible over crops with ``candidates``
+    rows each (remainder to the first crops; a full crop passes its excess on)."""
+    quota = [0] * len(candidates)
+    rem = min(k, sum(candidates))
+    while rem > 0:
+        open_ = [c for c in range(len(candidates)) if quota[c] < candidates[c]]
+        share, extra = divmod(rem, len(open_))
+        for i, c in enumerate(open_):
+            add = min(candidates[c] - quota[c], share + (1 if i < extra else 0))
+            quota[c] += add
+            rem -= add
+    return quota
+
+
+def check_next_tower(model: nn.Module, method: str) -> None:
+    cfg = model.config
+    inner = getattr(model, "model", None)
+    if getattr(inner, "image_newline", None) is None or not hasattr(inner, "pack_image_features"):
+        raise MethodError(f"method {method!r}: LLaVA-NeXT model without model.model.image_newline / "
+                          "pack_image_features")
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise MethodError(f"method {method!r}: a list vision_feature_layer {cfg.vision_feature_layer} is not "
+                          "supported (one feature layer only)")
+    if cfg.vision_feature_select_strategy != "default":
+        raise MethodError(f"method {method!r}: vision_feature_select_strategy "
+                          f"{cfg.vision_feature_select_strategy!r} is not supported (only 'default': a [CLS] token)")
+    from dop.baselines.reducer import _tower_layers
+
+    try:
+        layers = _tower_layers(model)
+        layers[0].self_attn.q_proj, layers[0].self_attn.k_proj  # noqa: B018
+    except AttributeError as e:
+        raise MethodError(f"method {method!r}: vision tower is not CLIP-like (encoder.layers[i].self_attn."
+                          f"q_proj/k_proj): {e}") from e
+
+
+class NextVisualReducer(QwenVisualReducer):
+    """Tower hooks + the engine selector that keeps ``k`` packed visual rows per image from layer 0 on
+    (LLaVA-NeXT). After each image encoding ``method.last_selection`` is, per image, the (k,)
+    ascending kept packed-row indices; ``self.packing`` the images' ``PackedRows``."""
+
+    inputs_hint = "pixel_values and image_sizes"
+
+    def __init__(self, model: nn.Module, method: Any, k: int) -> None:
+        super().__init__(model, method, k)
+        self.packing: list[PackedRows] = []
+
+    def __enter__(self) -> NextVisualReducer:
+        from dop.baselines.reducer import _tower_layers, feature_layer_index
+
+        inner = self.model.model
+        if "pack_image_features" in inner.__dict__:
+            raise MethodError(f"method {self.name!r}: a reducer is already installed on this model")
+        layer = _tower_layers(self.model)[feature_layer_index(self.model)]
+        self._handles = [
+            inner.register_forward_pre_hook(self._check_call, with_kwargs=True),
+            layer.self_attn.register_forward_pre_hook(self._grab_attn, with_kwargs=True),
+            inner.multi_modal_projector.register_forward_pre_hook(self._grab_features),
+        ]
+        original = inner.pack_image_features
+
+        def pack(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+            packed, lens = original(image_features, image_sizes, vision_feature_select_strategy,
+                                    image_newline=image_newline)
+            return self._reduce(list(image_features), image_sizes, packed), lens
+
+        inner.pack_image_features = pack
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.model.model.__dict__.pop("pack_image_features", None)
+        super().__exit__(*exc)
+
+    def _check_call(self, module, args, kwargs) -> None:
+        if kwargs.get("pixel_values") is not None:
+            self.keep = None
+
+    def _grab_attn(self, module, args, kwargs) -> None:
+        self._cap["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def _grab_features(self, module, args) -> None:
+        self._cap["features"] = args[0]
+
+    # --- the reduction ----------------------------------------------------------------------
+    def _crop_tokens(self, index: int, rows: torch.Tensor, crop_rows: PackedRows, packed: torch.Tensor,
+                     ctx: dict[str, torch.Tensor], first_crop: int) -> ImageTokens:
+        c, p = crop_rows.crop[rows] + first_crop, crop_rows.patch[rows]
+        return ImageTokens(index=index, tokens=packed[rows], score=ctx["score"][c, p], keys=ctx["keys"][c, p + 1],
+                           grid=(1, len(rows), 1), features=ctx["features"][c, p])
+
+    def _reduce(self, image_features: list[torch.Tensor], image_sizes: Any, packed: list[torch.Tensor]
+                ) -> list[torch.Tensor]:
+        from dop.baselines.reducer import VisionContext, feature_layer_index
+
+        crops = [int(f.shape[0]) for f in image_features]
+        patches = int(image_features[0].shape[1])
+        self.packing = packing_map(self.model, crops, image_sizes, patches, packed[0].device)
+        self.selection = [torch.arange(len(p), device=packed[0].device) for p in packed]
+        keep = [torch.ones(len(p), dtype=torch.bool, device=packed[0].device) for p in packed]
+        if all(self.k >= len(p) for p in packed):
+            self.keep, self.method.last_selection = torch.cat(keep), self.selection
+            return packed
+        out = list(packed)
+        with torch.no_grad():
+            layer = feature_layer_index(self.model)
+            vctx = VisionContext(model=self.model, features=self._cap["features"], projected=torch.cat(image_features),
+                                 cls_hidden=None, attn_inputs={layer: self._cap["x"]})
+            keys = vctx.keys(layer)  # (crops, H, 1+N, hd)
+            ctx = {"score": vctx.cls_attention(layer).mean(dim=1), "features": self._cap["features"],
+                   "keys": keys.transpose(1, 2).reshape(keys.shape[0], keys.shape[2], -1)}
+            first = 0
+            for i, (rows_map, tokens) in enumerate(zip(self.packing, packed, strict=True)):
+                if self.k < len(tokens):
+                    idx, new = self._select_image(i, rows_map, tokens, ctx, first)
+                    keep[i] = torch.zeros_like(keep[i])
+                    keep[i][idx] = True
+                    if new is not None:
+                        out[i] = tokens.clone()
+                        out[i][idx] = new.to(tokens.dtype)
+                    self.selection[i] = idx
+                first += crops[i]
+        self.keep, self.method.last_selection = torch.cat(keep), self.selection
+        return out
+
+    def _select_image(self, i: int, rows_map: PackedRows, tokens: torch.Tensor, ctx: dict[str, torch.Tensor],
+                      first: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(k',) ascending kept packed rows of image ``i`` and their new contents (``None``: unchanged)."""
+        cand = rows_map.is_patch.nonzero().squeeze(-1).to(tokens.device)
+        k_patch = min(self.k, len(cand))
+        if getattr(self.method, "crop_wise", True):
+            groups = [cand[rows_map.crop[cand] == c] for c in range(int(rows_map.crop.max()) + 1)]
+        else:
+            groups = [cand]
+        quotas = crop_quotas(k_patch, [len(g) for g in groups])
+        kept, contents, changed = [], [], False
+        for g, q in zip(groups, quotas, strict=True):
+            if q == 0:
+                continue
+            if q >= len(g):
+                kept.append(g)
+                contents.append(tokens[g])
+                continue
+            idx, new = self.method.reduce_image(self._crop_tokens(i, g, rows_map, tokens, ctx, first), q)
+            if idx.numel() != q or (idx.numel() and (idx.diff() <= 0).any()):
+                raise MethodError(f"method {self.name!r} kept {idx.tolist()} of a crop of image {i}; "
+                                  f"expected {q} ascending indices")
+            kept.append(g[idx])
+            contents.append(tokens[g[idx]] if new is None else new)
+            changed |= new is not None
+        newline = (~rows_map.is_patch).nonzero().squeeze(-1).to(tokens.device)[:max(self.k - len(cand), 0)]
+        rows = torch.cat([*kept, newline])
+        order = rows.argsort()
+        new_all = torch.cat([*contents, tokens[newline]])[order] if changed else None
+        return rows[order], new_all
