@@ -108,6 +108,32 @@ def build_slice(
     return model, inputs, groups
 
 
+BENCH_QUESTION = "what is the colour of the object in the top left corner of the image ?"
+
+
+def bench_text_tower(model) -> tuple[Any, Any]:
+    """A random-weight CLIP-L/14-shaped text tower (12 x 768, 77 positions) whose visual projection
+    reads the slice's vision tower, and an offline CLIP tokenizer: text-guided methods (TRIM,
+    CDPruner) then pay a real text-encoding cost on the slice. Their selections are arbitrary (random
+    weights); only the latency means something."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from dop.clip_text import clip_tokenizer
+
+    tok = clip_tokenizer(BENCH_QUESTION.split(), model_max_length=77)
+    vision = model.config.vision_config
+    text = dict(vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vcfg = dict(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size, num_hidden_layers=1,
+                num_attention_heads=vision.num_attention_heads, image_size=vision.image_size,
+                patch_size=vision.patch_size)
+    device = next(model.parameters()).device
+    with torch.device(device):
+        clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vcfg, projection_dim=768)).eval()
+    return clip, tok
+
+
 def default_policies(num_layers: int) -> dict[str, Policy | None]:
     """Stock model, identity policy, and pruned policies from mild to > 75% of decoder FLOPs."""
     return {
@@ -165,9 +191,11 @@ def run_bench(
         return go
 
     def call_method(method, knob):
-        def go():  # the method's input reduction is part of its prefill cost
+        question = {"instruction": [BENCH_QUESTION]} if getattr(method, "needs_text", False) else {}
+
+        def go():  # the method's input reduction (text encoding included) is part of its prefill cost
             with torch.inference_mode():
-                prepared = method.prepare_inputs(model, inputs, knob)
+                prepared = method.prepare_inputs(model, {**inputs, **question}, knob)
                 with method.apply(model, knob):
                     model(**prepared, logits_to_keep=1)
         return go
@@ -252,6 +280,11 @@ def run(cfg) -> list[BenchRow]:
         for name in names:
             try:
                 method = method_from_config(name)
+                if getattr(method, "needs_text", False) and method.hparams.get("text_tower") is None:
+                    from dop.baselines import get_method
+
+                    clip, tok = bench_text_tower(model)  # the slice has no CLIP text tower of its own
+                    method = get_method(name, **{**method.hparams, "text_tower": clip, "text_tokenizer": tok})
                 method.check_model(model)
                 methods[name] = (method, match_budget(method, model.config, groups, budget).knob)
             except (MethodError, ImportError) as err:  # unknown names raise here too, listing the known ones

@@ -200,6 +200,21 @@ def test_bench_stage_matches_each_method_to_one_budget(tmp_path, capsys):
         run(cfg)
 
 
+def test_bench_stage_times_text_guided_methods_with_a_clip_shaped_text_tower(tmp_path):
+    """TRIM and CDPruner on the slice: a random CLIP-L-shaped text tower encodes the question, so they
+    are timed (not skipped) and keep k visual tokens like the other reducers."""
+    from dop.bench import run
+
+    cfg = OmegaConf.create({"bench": {**SMALL_SLICE, "repeats": 1, "dtype": "float32", "device": "cpu",
+                                      "methods": ["trim", "cdpruner", "fastervlm"], "budget": "tokens:8"},
+                            "budget": {"kind": "ratio", "values": [0.5]}, "paths": {"run_dir": str(tmp_path)}})
+    by = {r.policy: r for r in run(cfg)}
+    assert {"trim", "cdpruner", "fastervlm"} <= set(by)
+    assert by["trim"].knob == by["cdpruner"].knob == by["fastervlm"].knob == 8
+    assert by["trim"].flops_reduction == pytest.approx(by["fastervlm"].flops_reduction)
+    assert "skipped" not in (tmp_path / "bench.md").read_text()
+
+
 def _method_configs() -> list[str]:
     from dop.cli import CONF_DIR
 
