@@ -1010,15 +1010,16 @@ def _log_tracking(cfg: Any, run_dir: Any, results: Mapping[str, Any],
                 log_metrics(run, {f"search/{name}/predicted_kl": entry["predicted_kl"],
                                   f"search/{name}/measured_kl": entry["measured_kl"],
                                   f"search/{name}/ratio": entry["ratio"],
-                                  f"search/{name}/tflops": entry["tflops"]})
+                                  f"search/{name}/tflops": entry["tflops"],
+                                  **({f"search/{name}/n_v": entry["n_v"]} if entry.get("n_v") is not None else {})})
                 rows.append([name, entry["predicted_kl"], entry["measured_kl"], entry["ratio"],
-                             entry["tflops"], json.dumps(entry["depths"])])
+                             entry["tflops"], json.dumps(entry["depths"]), entry.get("n_v")])
                 if policies and name in policies:
                     log_policy_heatmap(run, policies[name], results["num_layers"], list(results["groups"]),
                                        key=f"search/{name}/policy",
                                        path=Path(run_dir) / "policies" / f"{name}.png")
             log_table(run, "search/budgets", ["budget", "predicted_kl", "measured_kl", "ratio", "tflops",
-                                              "depths"], rows)
+                                              "depths", "n_v"], rows)
             check = results.get("additive_check")
             if check:
                 log_metrics(run, {"search/additive/pearson": check["pearson"],
