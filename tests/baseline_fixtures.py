@@ -110,3 +110,19 @@ def standins_registered() -> Iterator[None]:
     finally:
         for name in STANDINS:
             registry._METHODS.pop(name, None)
+
+
+def check_golden(path, got: dict) -> None:
+    """Compare kept rows (exactly) and last-position logit sums (1e-2) with a golden file; write it
+    with ``DOP_REGEN_GOLDEN=1`` (on purpose only: a missing file fails)."""
+    import json
+    import os
+
+    if os.environ.get("DOP_REGEN_GOLDEN") == "1":
+        path.write_text(json.dumps(got, indent=1) + "\n")
+    elif not path.exists():
+        raise AssertionError(f"{path} missing: run with DOP_REGEN_GOLDEN=1")
+    want = json.loads(path.read_text())
+    for k, v in want.items():
+        assert got[k]["kept"] == v["kept"]
+        assert abs(got[k]["last_logit_sum"] - v["last_logit_sum"]) < 1e-2

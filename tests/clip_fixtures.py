@@ -14,6 +14,9 @@ pad token is ``<|endoftext|>``). The text
 config keeps the legacy ``eos_token_id=2`` of the OpenAI checkpoints (HF then pools at the argmax
 id, which is ``<|endoftext|>``). ``max_position_embeddings`` is small (16) so that a long
 instruction exceeds it (CDPruner's segmenting, TRIM's truncation).
+
+``NEXT_TOWER``: the vision shape of the tiny LLaVA-NeXT tower of ``tiny_models.build_llava_next``
+(``crop=56``: hidden 32, 56-pixel crops, patch 14), for ``save_tiny_clip(path, **NEXT_TOWER)``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ WORDS = ["what", "is", "the", "colour", "shape", "of", "object", "objects", "at"
          "orange", "purple", "circle", "square", "triangle", "where", "right", "image", "describe", "list",
          "a", "an", "in", "any", "left"]
 MAX_POSITIONS = 16
+NEXT_TOWER = dict(vision_hidden=32, image_size=56, patch_size=14)
 
 
 def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:

@@ -7,6 +7,7 @@ layer 0 in forward and generate, per-crop quotas, batching with left padding and
 counts / unpadded shapes, keep-all == stock logits, an independent FasterVLM reference (eager
 attentions, hand-written packing map, hand-built ``inputs_embeds``), budget matching against the
 schedule, the n_v front end's selector, refusals, goldens (regenerate with ``DOP_REGEN_GOLDEN=1``).
+TRIM and CDPruner on LLaVA-NeXT: ``test_baselines_prellm_next_text``.
 
 The tiny LLaVA-NeXT here has 56-pixel crops (4x4 patches) so that unpadding removes rows:
 (56, 80) -> base + 2 crops, 4x6 unpadded grid: 16 + 24 + 4 newlines = 44 rows;
@@ -15,12 +16,11 @@ The tiny LLaVA-NeXT here has 56-pixel crops (4x4 patches) so that unpadding remo
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from baseline_fixtures import check_golden
 from tiny_models import BUILDERS
 
 from dop.adapters import get_adapter
@@ -310,8 +310,10 @@ def test_front_end_policy_on_llava_next(built, next_model):
 
 
 @pytest.mark.parametrize("name", ["trim", "cdpruner"])
-def test_text_guided_reducers_stay_llava_only(next_model, name):
-    with pytest.raises(MethodError, match=r"supports model types \['llava'\].*'llava_next'.*LLaVA-NeXT.*not implemented yet"):
+def test_text_guided_reducers_run_on_llava_next_with_a_matching_text_tower(next_model, name):
+    """TRIM / CDPruner are no longer refused on LLaVA-NeXT (``test_baselines_prellm_next_text``); they
+    still need a text tower whose ``visual_projection`` fits this tower's width."""
+    with pytest.raises(MethodError, match="visual_projection expects width 64, the vision tower gives 32"):
         get_method(name, text_tower="tiny_clip_text").check_model(next_model)
 
 
@@ -343,12 +345,4 @@ def test_golden_kept_rows_llava_next(built, next_model, name):
             logits = model(**m.prepare_inputs(model, inp, k)).logits
         got[str(k)] = {"kept": [s.tolist() for s in m.last_selection],
                        "last_logit_sum": round(float(logits[:, -1].sum()), 3)}
-    path = GOLDEN / f"{name}_llava_next.json"
-    if os.environ.get("DOP_REGEN_GOLDEN") == "1" or not path.exists():
-        if os.environ.get("DOP_REGEN_GOLDEN") != "1":
-            pytest.fail(f"{path} missing: run with DOP_REGEN_GOLDEN=1")
-        path.write_text(json.dumps(got, indent=1) + "\n")
-    want = json.loads(path.read_text())
-    for k, v in want.items():
-        assert got[k]["kept"] == v["kept"]
-        assert abs(got[k]["last_logit_sum"] - v["last_logit_sum"]) < 1e-2
+    check_golden(GOLDEN / f"{name}_llava_next.json", got)

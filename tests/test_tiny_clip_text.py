@@ -88,7 +88,8 @@ def test_model_configs_carry_their_text_tower(tmp_path):
     from dop.cli import CONF_DIR
 
     want = {"tiny_llava": "tiny_clip_text", "llava15_7b": "openai/clip-vit-large-patch14-336",
-            "llava15_13b": "openai/clip-vit-large-patch14-336", "qwen2vl_7b": None, "llava_next_7b": None}
+            "llava15_13b": "openai/clip-vit-large-patch14-336", "qwen2vl_7b": None,
+            "llava_next_7b": "openai/clip-vit-large-patch14-336"}  # the same CLIP-L/336 tower
     for model, tower_id in want.items():
         for method in ("trim", "cdpruner"):
             with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -14,10 +14,28 @@ token (``TextGuidedReducer.encode_text``); check this against the official segme
 numbers on instructions longer than 77 tokens. Otherwise no deviation (the official optional
 theta-weighting is commented out there too).
 
-LLaVA-1.5 only: the relevance needs a CLIP text tower in the vision tower's joint space, and
-Qwen-VL's vision tower is not CLIP (``check_model`` names the reason). LLaVA-NeXT is refused too: its tower is the
-same CLIP-L/336, so the text tower would fit, but scoring each crop's packed rows against the
-instruction (images -> samples in ``dop.baselines.vision_access_next``) is not implemented yet.
+LLaVA-NeXT (the same CLIP-L/336 tower as LLaVA-1.5, so the same text tower fits; the prompt keeps
+every placeholder and rows are dropped before layer 0, ``dop.baselines.vision_access_next``). The
+official LLaVA-NeXT path (``Theia-4869/CDPruner`` ``llava_arch.py``: ``encode_images`` on all crops
+of the batch at once, then ``spatial`` packing without ``unpad``) does, per crop: similarity =
+cosine of that crop's projected patches; relevance = mean over segments of the negated cosine of
+the crop's CLIP patch embeddings to the text, **min-max normalised over the whole tower batch** (all
+crops of the image at the official batch size 1, padded patches included); DPP greedy MAP of
+``visual_token_num`` patches per crop. dop does the same, with these differences:
+
+- the image's sample comes from ``prepare_inputs`` (``vision_access_next.image_samples``), so the
+  min-max runs over each image's own crops (= official at batch size 1; with batches the official
+  code mixes images, and sends one text for the batch);
+- ``k`` is per image, split over its crops by ``crop_quotas`` (official: the same count per crop);
+- candidates are the crop's packed patch rows: padded patches (removed by transformers' unpad) are
+  in the min-max but cannot be kept, so the DPP runs on the kernel restricted to them (official: no
+  unpad, padded patches are candidates and no ``image_newline`` row is sent); kept rows keep their
+  original positions (official: re-numbered);
+- no ``+1e-6`` in the min-max numerator (as on LLaVA-1.5 here; official adds it, so the least
+  relevant patch gets a tiny, not zero, weight).
+
+Qwen-VL is refused: the relevance needs a CLIP text tower in the vision tower's joint space, and
+Qwen-VL's vision tower is not CLIP (``check_model`` names the reason).
 """
 
 from __future__ import annotations
@@ -26,14 +44,14 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from dop.baselines.reducer import LLAVA_ONLY, TextGuidedReducer, VisionContext, check_reducible
+from dop.baselines.reducer import CLIP_TOWER_TYPES, TextGuidedReducer, VisionContext, check_reducible
+from dop.baselines.vision_access import ImageTokens
 
 _LLAVA_ONLY_WHY = ("; CDPruner's relevance compares patches with the instruction in CLIP's joint image-text "
                    "space, and Qwen-VL's vision tower is not a CLIP encoder: no CLIP text tower shares its "
-                   "feature space"
-                   "; on LLaVA-NeXT (the same CLIP-L/336 tower, so its text tower would fit) the per-crop "
-                   "text relevance over the packed rows is not implemented yet")
+                   "feature space")
 
 
 def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
@@ -74,8 +92,18 @@ class CDPruner(TextGuidedReducer):
     text_segments: ClassVar[bool] = True
 
     def check_model(self, model) -> None:
-        check_reducible(model, self.name, LLAVA_ONLY, why=_LLAVA_ONLY_WHY)
+        check_reducible(model, self.name, CLIP_TOWER_TYPES, why=_LLAVA_ONLY_WHY)
         super().check_model(model)
+
+    def next_relevance(self, model: nn.Module, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(crops, N) relevance of all the image's crops' patches, min-max normalised over the image."""
+        emb = self.clip_embeds(model, features)
+        return cdpruner_relevance(emb.flatten(0, 1), text).view(emb.shape[:2])
+
+    def reduce_image(self, img: ImageTokens, k: int) -> tuple[torch.Tensor, None]:
+        """LLaVA-NeXT, one crop: DPP greedy MAP over its candidate rows (projected rows' cosine, the
+        image-normalised relevance)."""
+        return cdpruner_select(img.tokens[None], img.relevance[None], k)[0], None
 
     def attn_layers(self, model) -> list[int]:
         return []

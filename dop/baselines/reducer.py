@@ -27,7 +27,8 @@ engine selector, kept rows at their original M-RoPE positions (``dop.baselines.v
 methods implement ``reduce_image``/``select_image`` there). FLOPs are the same on both paths
 (``schedule``). LLaVA-NeXT (``llava_next``) works like Qwen-VL: the prompt keeps every placeholder,
 ``k`` of each image's packed rows are kept per image (split over its crops, each crop scored by its
-own [CLS] attention) and the others dropped before layer 0 (``dop.baselines.vision_access_next``).
+own [CLS] attention, or for TRIM / CDPruner by the relevance to the instruction) and the others
+dropped before layer 0 (``dop.baselines.vision_access_next``).
 Other families (OneVision's SigLIP has no [CLS] and its packing interpolates, InternVL
 pixel-shuffles tiles, Qwen3-VL adds deepstack features) raise ``MethodError`` in ``check_model``,
 naming the supported ones.
@@ -55,6 +56,7 @@ from dop.baselines.vision_access_next import (
     NEXT_MODEL_TYPES,
     NextVisualReducer,
     check_next_tower,
+    image_samples,
     is_llava_next,
 )
 from dop.engine import prune
@@ -62,6 +64,7 @@ from dop.ops import VISION
 
 SUPPORTED_MODEL_TYPES = ("llava", *QWEN_MODEL_TYPES, *NEXT_MODEL_TYPES)
 LLAVA_ONLY = ("llava",)
+CLIP_TOWER_TYPES = ("llava", "llava_next")  # CLIP-L/336 towers: a CLIP text tower shares their joint space
 
 
 def drops_rows(model: nn.Module) -> bool:
@@ -348,6 +351,11 @@ class ReducerMethod(Method):
         if "inputs_embeds" in out:
             raise MethodError(f"method {self.name!r}: pass input_ids, not inputs_embeds")
         if drops_rows(model):  # the prompt keeps every placeholder; rows are dropped before layer 0
+            if self.needs_text and is_llava_next(model):  # image -> sample, before generate encodes images
+                if len(self._texts) != out["input_ids"].shape[0]:
+                    raise MethodError(f"method {self.name!r}: {len(self._texts)} instruction(s) for a batch of "
+                                      f"{out['input_ids'].shape[0]}")
+                self._image_samples = image_samples(model, out["input_ids"], out.get("image_sizes"))
             return out
         n = tokens_per_image(model)
         k = min(int(knob), n)
@@ -455,7 +463,7 @@ class TextGuidedReducer(ReducerMethod):
 
     ``text_tower``: a path/hub id of a CLIP checkpoint (loaded as ``CLIPModel``: text model,
     ``text_projection`` and the ``visual_projection`` that maps the tower's patch features into the
-    joint space; for LLaVA-1.5 ``openai/clip-vit-large-patch14-336``; for the embedded tiny LLaVA
+    joint space; for LLaVA-1.5 and LLaVA-NeXT ``openai/clip-vit-large-patch14-336``; for the embedded tiny LLaVA
     ``"tiny_clip_text"``, resolved by ``dop.models.resolve_path`` to ``dop/assets/tiny_clip_text``;
     ``conf/model/*.yaml: clip_text_tower`` names each model's) or a ``CLIPModel`` instance.
     ``text_tokenizer``: its tokenizer (default: loaded from ``text_tower`` when that is a path).
@@ -543,9 +551,21 @@ class TextGuidedReducer(ReducerMethod):
     @torch.no_grad()
     def patch_embeds(self, ctx: VisionContext) -> torch.Tensor:
         """(n, N, P) L2-normalised patch features in CLIP's joint space (post_layernorm + visual_projection)."""
+        return self.clip_embeds(ctx.model, ctx.features)
+
+    @torch.no_grad()
+    def clip_embeds(self, model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        """(..., P) L2-normalised CLIP joint-space embeddings of vision-tower features (..., C) of
+        ``model``'s tower: its ``post_layernorm``, then the text tower's ``visual_projection``."""
         clip, _ = self._tower()
-        tower = ctx.model.model.vision_tower
+        tower = model.model.vision_tower
         ln = getattr(tower, "vision_model", tower).post_layernorm
         w = clip.visual_projection.weight
-        x = clip.visual_projection(ln(ctx.features).to(device=w.device, dtype=w.dtype))
-        return (x / x.norm(dim=-1, keepdim=True)).to(ctx.features.device)
+        x = clip.visual_projection(ln(features).to(device=w.device, dtype=w.dtype))
+        return (x / x.norm(dim=-1, keepdim=True)).to(features.device)
+
+    def next_relevance(self, model: nn.Module, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """LLaVA-NeXT: (crops, N) relevance of every patch of one image's crops (``features`` (crops, N, C),
+        padded patches included) to its sample's text embeddings (segments, P); handed per crop to
+        ``reduce_image`` as ``ImageTokens.relevance`` (the crop's candidate rows)."""
+        raise NotImplementedError

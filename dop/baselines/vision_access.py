@@ -46,6 +46,10 @@ class ImageTokens:
     keys: torch.Tensor  # (N, C) score block keys (pre-rotary), mean over each token's patches
     grid: tuple[int, int, int]  # (t, h, w) in merged tokens
     features: torch.Tensor | None = None  # (N, C) vision features before the projector (LLaVA-NeXT crops)
+    # LLaVA-NeXT, text-guided methods (TRIM, CDPruner): the image's sample's CLIP text embeddings
+    # (segments, P) and the method's relevance of these rows (``TextGuidedReducer.next_relevance``)
+    text: torch.Tensor | None = None
+    relevance: torch.Tensor | None = None  # (N,)
 
 
 def is_qwen(model: nn.Module) -> bool:

@@ -19,7 +19,8 @@ What the official LLaVA-NeXT code of FasterVLM, VisPruner, CDPruner and VisionZi
 (``Theia-4869/{FasterVLM,VisPruner,CDPruner}`` ``llava/model/llava_arch.py``,
 ``dvlab-research/VisionZip`` ``restore_image_features_sorted``): the tower runs on all crops as one
 batch and the method keeps ``T`` patches **per crop**, scored by **that crop's own [CLS]
-attention** (head mean; VisionZip: head sum), then the kept patches are laid out base crop first
+attention** (head mean; VisionZip: head sum; CDPruner: a DPP on the crop's projected patches with
+the text relevance, min-max normalised over the tower batch, see ``dop.baselines.cdpruner``), then the kept patches are laid out base crop first
 and the other crops as one raster grid. Their packing is ``spatial`` **without** ``unpad`` (FasterVLM
 hard-codes ``'spatial'``; VisPruner/CDPruner do ``mm_patch_merge_type.replace('_unpad', '')``), so no
 ``image_newline`` row reaches the LLM and padded patches are candidates. ``visual_token_num`` is per
@@ -47,6 +48,17 @@ What dop does (``k`` is per image, so FLOPs ``schedule`` = ``k`` visual rows per
   VisionZip also appends each crop's [CLS] token, which has no row here.
 - kept rows keep their positions in the full packed prompt (official: the shortened prompt is
   re-numbered contiguously).
+
+Text-guided methods (TRIM, CDPruner: ``needs_text``). transformers 5 ``generate`` encodes the images
+before ``model.model`` runs, so ``prepare_inputs`` maps images to samples (``image_samples``: each
+image's packed-row count, from ``image_size_to_num_patches`` and transformers' packing, matched in
+order against each sample's placeholders; the prompt is unchanged). Per image, the method's
+``next_relevance`` scores every patch of all its crops (the crops' vision-tower features -> the
+tower's ``post_layernorm`` -> the text tower's ``visual_projection``, against the sample's text
+embeddings), and each crop's candidate rows get theirs as ``ImageTokens.relevance`` (with
+``ImageTokens.text``). A method with ``pooled_token`` (TRIM) keeps ``k - 1`` patch rows and puts the
+projected mean of the other patch rows' features on the image's last packed row (a newline row),
+so ``k`` rows still reach layer 0.
 
 LLaVA-OneVision is not supported: its SigLIP tower has no [CLS] token (``full`` feature strategy)
 and ``anyres_max`` packing bilinearly downsamples large grids, so a packed row is not one patch.
@@ -97,6 +109,36 @@ def packing_map(model: nn.Module, crops: list[int], image_sizes: Any, patches: i
         out.append(PackedRows(torch.where(newline, -1, code // patches).to(device),
                               torch.where(newline, -1, code % patches).to(device)))
     return out
+
+
+def image_samples(model: nn.Module, input_ids: torch.Tensor, image_sizes: Any) -> torch.Tensor:
+    """(images,) the sample of each image (order of ``image_sizes``), for the text-guided methods.
+
+    Image ``i`` has as many ``<image>`` placeholders as packed rows (its crop count from
+    ``image_size_to_num_patches``, its rows from transformers' packing, ``packing_map``, both as in
+    ``get_image_features``); each sample's placeholders are its images' rows, images in batch order.
+    Nothing in the prompt changes."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    vc = cfg.vision_config
+    if image_sizes is None:
+        raise MethodError("LLaVA-NeXT: pass image_sizes with pixel_values")
+    crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                       patch_size=vc.image_size) for s in image_sizes]
+    rows = [len(m.crop) for m in packing_map(model, crops, image_sizes, (vc.image_size // vc.patch_size) ** 2)]
+    out, i = [], 0
+    for b, n in enumerate((input_ids == cfg.image_token_id).sum(1).tolist()):
+        while n > 0 and i < len(rows):
+            n -= rows[i]
+            out.append(b)
+            i += 1
+        if n != 0:
+            raise MethodError(f"sample {b}: its <image> placeholders do not add up to whole images of "
+                              f"{rows} rows (image_sizes and the prompt disagree)")
+    if i != len(rows):
+        raise MethodError(f"{len(rows)} images in image_sizes but the prompt holds placeholders for {i}")
+    return torch.tensor(out, dtype=torch.long)
 
 
 def crop_quotas(k: int, candidates: list[int]) -> list[int]:
@@ -185,10 +227,32 @@ class NextVisualReducer(QwenVisualReducer):
 
     # --- the reduction ----------------------------------------------------------------------
     def _crop_tokens(self, index: int, rows: torch.Tensor, crop_rows: PackedRows, packed: torch.Tensor,
-                     ctx: dict[str, torch.Tensor], first_crop: int) -> ImageTokens:
+                     ctx: dict[str, torch.Tensor], first_crop: int, text: torch.Tensor | None = None,
+                     relevance: torch.Tensor | None = None) -> ImageTokens:
         c, p = crop_rows.crop[rows] + first_crop, crop_rows.patch[rows]
+        rel = None if relevance is None else relevance[crop_rows.crop[rows], p]
         return ImageTokens(index=index, tokens=packed[rows], score=ctx["score"][c, p], keys=ctx["keys"][c, p + 1],
-                           grid=(1, len(rows), 1), features=ctx["features"][c, p])
+                           grid=(1, len(rows), 1), features=ctx["features"][c, p], text=text, relevance=rel)
+
+    def _image_texts(self, n_images: int) -> list[torch.Tensor] | None:
+        """Text-guided methods: per image, its sample's text embeddings (``prepare_inputs`` encoded the
+        instructions and mapped images to samples, ``image_samples``)."""
+        m = self.method
+        if not getattr(m, "needs_text", False):
+            return None
+        samples = getattr(m, "_image_samples", None)
+        if m._texts is None or samples is None or len(samples) != n_images:
+            raise MethodError(f"method {self.name!r}: no instruction encoded for the {n_images} image(s) of this "
+                              "call; run inputs (with inputs['instruction']) through method.prepare_inputs first")
+        return [m._texts[int(s)] for s in samples]
+
+    def _project(self, feats: torch.Tensor) -> torch.Tensor:
+        """(m, C) vision-space tokens -> (m, D) through the model's projector (TRIM's pooled token)."""
+        saved = self._cap.get("features")
+        try:
+            return self.model.model.multi_modal_projector(feats[None])[0]
+        finally:
+            self._cap["features"] = saved
 
     def _reduce(self, image_features: list[torch.Tensor], image_sizes: Any, packed: list[torch.Tensor]
                 ) -> list[torch.Tensor]:
@@ -210,10 +274,15 @@ class NextVisualReducer(QwenVisualReducer):
             keys = vctx.keys(layer)  # (crops, H, 1+N, hd)
             ctx = {"score": vctx.cls_attention(layer).mean(dim=1), "features": self._cap["features"],
                    "keys": keys.transpose(1, 2).reshape(keys.shape[0], keys.shape[2], -1)}
+            texts = self._image_texts(len(packed))
             first = 0
             for i, (rows_map, tokens) in enumerate(zip(self.packing, packed, strict=True)):
                 if self.k < len(tokens):
-                    idx, new = self._select_image(i, rows_map, tokens, ctx, first)
+                    text = rel = None
+                    if texts is not None:  # per image: all its crops' patches (padded ones too) vs its text
+                        text = texts[i]
+                        rel = self.method.next_relevance(self.model, ctx["features"][first:first + crops[i]], text)
+                    idx, new = self._select_image(i, rows_map, tokens, ctx, first, text, rel)
                     keep[i] = torch.zeros_like(keep[i])
                     keep[i][idx] = True
                     if new is not None:
@@ -225,10 +294,16 @@ class NextVisualReducer(QwenVisualReducer):
         return out
 
     def _select_image(self, i: int, rows_map: PackedRows, tokens: torch.Tensor, ctx: dict[str, torch.Tensor],
-                      first: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(k',) ascending kept packed rows of image ``i`` and their new contents (``None``: unchanged)."""
+                      first: int, text: torch.Tensor | None = None, relevance: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(k',) ascending kept packed rows of image ``i`` and their new contents (``None``: unchanged).
+
+        ``method.pooled_token`` (TRIM): while ``k`` is below the image's patch rows, ``k - 1`` patch rows
+        are picked (split over the crops) and the image's last packed row (its final newline row) gets
+        the projected mean of the vision features of its other patch rows."""
         cand = rows_map.is_patch.nonzero().squeeze(-1).to(tokens.device)
-        k_patch = min(self.k, len(cand))
+        pool = bool(getattr(self.method, "pooled_token", False)) and 0 < self.k < len(cand)
+        k_patch = min(self.k, len(cand)) - int(pool)
         if getattr(self.method, "crop_wise", True):
             groups = [cand[rows_map.crop[cand] == c] for c in range(int(rows_map.crop.max()) + 1)]
         else:
@@ -242,13 +317,24 @@ class NextVisualReducer(QwenVisualReducer):
                 kept.append(g)
                 contents.append(tokens[g])
                 continue
-            idx, new = self.method.reduce_image(self._crop_tokens(i, g, rows_map, tokens, ctx, first), q)
+            idx, new = self.method.reduce_image(self._crop_tokens(i, g, rows_map, tokens, ctx, first, text, relevance),
+                                                q)
             if idx.numel() != q or (idx.numel() and (idx.diff() <= 0).any()):
                 raise MethodError(f"method {self.name!r} kept {idx.tolist()} of a crop of image {i}; "
                                   f"expected {q} ascending indices")
             kept.append(g[idx])
             contents.append(tokens[g[idx]] if new is None else new)
             changed |= new is not None
+        if pool:
+            newlines = (~rows_map.is_patch).nonzero().squeeze(-1).to(tokens.device)
+            if not len(newlines):
+                raise MethodError(f"method {self.name!r}: image {i} has no newline row for the pooled token")
+            taken = torch.cat(kept) if kept else cand[:0]
+            rest = cand[~torch.isin(cand, taken)]
+            feats = ctx["features"][rows_map.crop[rest] + first, rows_map.patch[rest]]
+            kept.append(newlines[-1:])
+            contents.append(self._project(feats.mean(0, keepdim=True)).to(tokens.dtype))
+            changed = True
         newline = (~rows_map.is_patch).nonzero().squeeze(-1).to(tokens.device)[:max(self.k - len(cand), 0)]
         rows = torch.cat([*kept, newline])
         order = rows.argsort()
