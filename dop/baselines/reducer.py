@@ -95,9 +95,8 @@ def check_reducible(model: nn.Module, method: str, model_types: tuple[str, ...] 
     if mtype in QWEN_MODEL_TYPES:
         check_qwen_tower(model, method)
         return
-    if mtype in NEXT_MODEL_TYPES:
+    if mtype in NEXT_MODEL_TYPES:  # its packing; its CLIP tower is checked below, as LLaVA-1.5's
         check_next_tower(model, method)
-        return
     inner = getattr(model, "model", None)
     if getattr(inner, "multi_modal_projector", None) is None or getattr(inner, "vision_tower", None) is None:
         raise MethodError(f"method {method!r}: model has no model.multi_modal_projector / model.vision_tower")
@@ -106,7 +105,7 @@ def check_reducible(model: nn.Module, method: str, model_types: tuple[str, ...] 
                           "supported (one feature layer only)")
     if cfg.vision_feature_select_strategy != "default":
         raise MethodError(f"method {method!r}: vision_feature_select_strategy "
-                          f"{cfg.vision_feature_select_strategy!r} is not supported (only 'default')")
+                          f"{cfg.vision_feature_select_strategy!r} is not supported (only 'default': a [CLS] token)")
     try:
         layers = _tower_layers(model)
         layers[0].self_attn.q_proj, layers[0].self_attn.k_proj  # noqa: B018

@@ -157,25 +157,12 @@ def crop_quotas(k: int, candidates: list[int]) -> list[int]:
 
 
 def check_next_tower(model: nn.Module, method: str) -> None:
-    cfg = model.config
+    """The LLaVA-NeXT parts the reducers need; the CLIP tower itself is checked as on LLaVA-1.5
+    (``reducer.check_reducible``)."""
     inner = getattr(model, "model", None)
     if getattr(inner, "image_newline", None) is None or not hasattr(inner, "pack_image_features"):
         raise MethodError(f"method {method!r}: LLaVA-NeXT model without model.model.image_newline / "
                           "pack_image_features")
-    if not isinstance(cfg.vision_feature_layer, int):
-        raise MethodError(f"method {method!r}: a list vision_feature_layer {cfg.vision_feature_layer} is not "
-                          "supported (one feature layer only)")
-    if cfg.vision_feature_select_strategy != "default":
-        raise MethodError(f"method {method!r}: vision_feature_select_strategy "
-                          f"{cfg.vision_feature_select_strategy!r} is not supported (only 'default': a [CLS] token)")
-    from dop.baselines.reducer import _tower_layers
-
-    try:
-        layers = _tower_layers(model)
-        layers[0].self_attn.q_proj, layers[0].self_attn.k_proj  # noqa: B018
-    except AttributeError as e:
-        raise MethodError(f"method {method!r}: vision tower is not CLIP-like (encoder.layers[i].self_attn."
-                          f"q_proj/k_proj): {e}") from e
 
 
 class NextVisualReducer(QwenVisualReducer):
