@@ -387,26 +387,28 @@ def solve_exact(
         return H, depths, c, float(H[0][0][0]) - lam * B
 
     best_dual, best_H, best_lam = -math.inf, None, 0.0
+
+    def probe(lam: float) -> bool:
+        """Solve the dual at ``lam``; keep the best dual and any fitting primal; True if it fits."""
+        nonlocal best_dual, best_H, best_lam, best_kl, best_depths
+        H, depths, c, dual = lagrange(lam)
+        if dual > best_dual:
+            best_dual, best_H, best_lam = dual, H, lam
+        if c > B_tol:
+            return False
+        k = float(sum(dag.kl[j, d] for j, d in enumerate(depths)))
+        if k < best_kl:
+            best_kl, best_depths = k, depths
+        return True
+
     lo, hi = 0.0, 1.0
     for _ in range(200):  # find a lambda whose argmin fits
-        H, depths, c, dual = lagrange(hi)
-        if dual > best_dual:
-            best_dual, best_H, best_lam = dual, H, hi
-        if c <= B_tol:
-            k = float(sum(dag.kl[j, d] for j, d in enumerate(depths)))
-            if k < best_kl:
-                best_kl, best_depths = k, depths
+        if probe(hi):
             break
         lo, hi = hi, hi * 4
     for _ in range(dual_steps):
         mid = math.sqrt(lo * hi) if lo > 0 else hi / 16
-        H, depths, c, dual = lagrange(mid)
-        if dual > best_dual:
-            best_dual, best_H, best_lam = dual, H, mid
-        if c <= B_tol:
-            k = float(sum(dag.kl[j, d] for j, d in enumerate(depths)))
-            if k < best_kl:
-                best_kl, best_depths = k, depths
+        if probe(mid):
             hi = mid
         else:
             lo = mid
