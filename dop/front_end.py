@@ -21,14 +21,10 @@ from dop.policy import Policy, PolicyError
 
 
 def prepare_inputs(model: nn.Module, inputs: Mapping[str, Any], policy: Policy | None) -> Mapping[str, Any]:
-    """The model inputs a policy runs on: ``n_v`` placeholders per image with a front end; the inputs
-    themselves (minus the text-guided reducers' ``instruction``) otherwise."""
+    """The model inputs a policy runs on: the reducer's (fewer placeholders on LLaVA-1.5, a smaller
+    image with ``resize``) with a front end; the inputs themselves otherwise."""
     reducer = policy.front_end() if policy is not None else None
-    if reducer is None:
-        if "instruction" in inputs:
-            return {k: v for k, v in inputs.items() if k != "instruction"}
-        return inputs
-    return reducer.prepare_inputs(model, inputs, policy.n_v)
+    return inputs if reducer is None else reducer.prepare_inputs(model, inputs, policy.n_v)
 
 
 @contextlib.contextmanager

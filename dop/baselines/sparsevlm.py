@@ -7,7 +7,8 @@
    attention of layer ``l`` (recomputed from its q/k on its input), head-mean, then mean over
    raters, scores the visual rows still present; the top ``count_s`` stay. As in the v1 code the
    pruning layer itself runs on all rows and its *outputs* are pruned: rows leave from ``l + 1``.
-3. Counts per stage are the v1.5 schedules per budget (``schedules``, 576 visual tokens), scaled by
+3. Counts per stage are the v1.5 schedules per budget (``schedules``, written for the LLaVA-1.5 image
+   of ``reference_tokens`` visual tokens), scaled by
    ``n_img / reference_tokens`` per sample on other models and rounded.
 4. Recycling (``recycle``, on as in the released code): of the ``d`` rows a stage drops, the top
    ``int(0.3 d) + 1`` by score are clustered on the pruning layer's *outputs* into ``int(m / 10) + 1``
@@ -77,12 +78,17 @@ def _query_index(raters: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tenso
     return index, weight
 
 
+def recycled_clusters(candidates: int) -> int:
+    """Clusters the recycled candidates merge into: one per 10, + 1."""
+    return int(candidates / 10) + 1
+
+
 def recycled(dropped: int) -> tuple[int, int]:
-    """(candidates, clusters) of a stage dropping ``dropped`` rows: top 30% + 1, one cluster per 10 + 1."""
+    """(candidates, clusters) of a stage dropping ``dropped`` rows: top 30% + 1, then their clusters."""
     if dropped <= 0:
         return 0, 0
     m = int(dropped * 0.3) + 1
-    return m, int(m / 10) + 1
+    return m, recycled_clusters(m)
 
 
 def density_peak_clusters(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,10 +152,6 @@ class _SparseVLMSelector:
         ctx.drop(dropped, from_layer=ctx.layer_idx + 1)
 
 
-def recycled_clusters(candidates: int) -> int:
-    return int(candidates / 10) + 1
-
-
 def scaled_count(count: int, n_img: int, reference_tokens: int) -> int:
     return min(n_img, int(round(count * n_img / reference_tokens)))
 
@@ -182,7 +184,7 @@ class SparseVLM(Method):
         return sorted(self.schedules, reverse=True)
 
     def stages(self, num_layers: int, knob: Any) -> list[tuple[int, int]]:
-        """``[(layer whose outputs are pruned, visual tokens kept at 576), ...]``."""
+        """``[(layer whose outputs are pruned, visual tokens kept at reference_tokens), ...]``."""
         if knob not in self.schedules:
             raise MethodError(f"sparsevlm: no schedule for budget {knob!r}; known: {sorted(self.schedules)}")
         layers = scale_layers(self.layers, self.hparams["reference_layers"], num_layers, low=0, method=self.name)
