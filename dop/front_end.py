@@ -12,6 +12,7 @@ the search solves depths and ``n_v`` jointly (``dop.search``).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,11 +20,32 @@ from torch import nn
 
 from dop.policy import Policy, PolicyError
 
+_REDUCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # policy -> its reducer instance
+
+
+def reducer_of(policy: Policy | None) -> Any:
+    """The policy's ``n_v`` reducer (a ``dop.baselines`` pre-LLM method), or ``None`` without ``n_v``.
+    One instance per policy: a text-guided reducer keeps its encoded instruction between
+    ``prepare_inputs`` and the hooks."""
+    if policy is None or policy.n_v is None:
+        return None
+    method = _REDUCERS.get(policy)
+    if method is None:
+        from dop.baselines import get_method
+
+        method = get_method(policy.reducer)
+        if method.kind != "pre_llm":
+            raise PolicyError(f"policy reducer {policy.reducer!r} is a {method.kind} method; n_v needs a "
+                              "pre-LLM reducer (fastervlm, visionzip, prumerge_plus, trim, divprune, "
+                              "vispruner, cdpruner, resize)")
+        _REDUCERS[policy] = method
+    return method
+
 
 def prepare_inputs(model: nn.Module, inputs: Mapping[str, Any], policy: Policy | None) -> Mapping[str, Any]:
     """The model inputs a policy runs on: the reducer's (fewer placeholders on LLaVA-1.5, a smaller
     image with ``resize``) with a front end; the inputs themselves otherwise."""
-    reducer = policy.front_end() if policy is not None else None
+    reducer = reducer_of(policy)
     return inputs if reducer is None else reducer.prepare_inputs(model, inputs, policy.n_v)
 
 
@@ -32,7 +54,7 @@ def hooks(model: nn.Module, policy: Policy | None) -> Iterator[list[Any]]:
     """The reducer's hooks for the block, yielding the engine selectors it needs (used by
     ``dop.engine.prune``): none on LLaVA-1.5, whose prompt is shortened; on Qwen-VL and LLaVA-NeXT,
     whose prompt keeps every placeholder, the selector that drops the other visual rows before layer 0."""
-    reducer = policy.front_end() if policy is not None else None
+    reducer = reducer_of(policy)
     if reducer is None:
         yield []
         return

@@ -72,7 +72,6 @@ class Policy:
         self.model = model
         self.meta: dict[str, Any] = dict(meta or {})
         self.n_v, self.reducer = check_front_end(n_v, reducer)
-        self._reducer_method: Any = None
         index: dict[tuple[int, OpType], set[str]] = {}
         for op in ops:
             index.setdefault((op.layer, op.type), set()).add(op.group)
@@ -115,23 +114,6 @@ class Policy:
     def is_identity(self) -> bool:
         """Nothing pruned and no front end: the model's own forward."""
         return not self._ops and self.n_v is None
-
-    def front_end(self) -> Any:
-        """The ``n_v`` reducer (a ``dop.baselines`` pre-LLM method instance, one per policy: a
-        text-guided reducer keeps its encoded instruction between ``prepare_inputs`` and ``apply``),
-        or ``None`` without ``n_v``."""
-        if self.n_v is None:
-            return None
-        if self._reducer_method is None:
-            from dop.baselines import get_method
-
-            method = get_method(self.reducer)
-            if method.kind != "pre_llm":
-                raise PolicyError(f"policy reducer {self.reducer!r} is a {method.kind} method; n_v needs a "
-                                  "pre-LLM reducer (fastervlm, visionzip, prumerge_plus, trim, divprune, "
-                                  "vispruner, cdpruner)")
-            self._reducer_method = method
-        return self._reducer_method
 
     @property
     def groups(self) -> frozenset[str]:

@@ -13,7 +13,7 @@ from tiny_models import BUILDERS, _texts
 from dop.baselines import MethodError, get_method
 from dop.baselines.resize import patchify, target_grid, unpatchify
 from dop.engine import prune
-from dop.front_end import prepare_inputs
+from dop.front_end import prepare_inputs, reducer_of
 from dop.policy import DepthPolicy, Policy
 
 TEMPLATE = "<|im_start|> {sys} <|vision_start|> <|image_pad|> <|vision_end|> {q} <|im_end|> <|im_start|> assistant"
@@ -100,4 +100,4 @@ def test_nv_front_end_by_input_resizing(qwen):
     assert (x["input_ids"] == qwen.config.image_token_id).sum(1).tolist() == [4, 6]
     assert pruner.kept_rows[0]["kv"] == x["attention_mask"].sum(1).tolist()  # layer 0 dense, shorter prompt
     assert gen.shape[1] == x["input_ids"].shape[1] + 2
-    assert Policy(n_v=6, reducer="resize").front_end().name == "resize"
+    assert reducer_of(Policy(n_v=6, reducer="resize")).name == "resize"

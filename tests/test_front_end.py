@@ -21,7 +21,7 @@ from dop.baselines import MethodError, get_method
 from dop.baselines.vispruner import vispruner_select
 from dop.engine import EngineError, prune
 from dop.flops import count_flops
-from dop.front_end import nv_values, prepare_inputs
+from dop.front_end import nv_values, prepare_inputs, reducer_of
 from dop.policy import DepthPolicy, Policy, PolicyError
 from dop.search import CostModel, InfeasibleBudgetError, Solution, solve_exact, solve_joint
 
@@ -56,9 +56,9 @@ def test_policy_front_end_fields_round_trip():
     with pytest.raises(PolicyError, match="without n_v"):
         DepthPolicy({}, reducer="vispruner")
     with pytest.raises(PolicyError, match="in_llm method; n_v needs a pre-LLM reducer"):
-        Policy(n_v=4, reducer="fastv").front_end()
+        reducer_of(Policy(n_v=4, reducer="fastv"))
     with pytest.raises(MethodError, match="unknown method 'nope'"):
-        Policy(n_v=4, reducer="nope").front_end()
+        reducer_of(Policy(n_v=4, reducer="nope"))
     assert nv_values([12, 4, 99, 4], 16) == [4, 12, 16] and nv_values(None, 16) == []
     assert nv_values([1.0, 0.5, 0.25], 16) == [4, 8, 16] and nv_values([0.333, 0.111], 576) == [64, 192, 576]
     with pytest.raises(PolicyError, match="fractions in"):
@@ -113,9 +113,9 @@ def test_nv_policy_equals_hand_built_reference(llava, seed):
         reduced = prepare_inputs(model, inputs, policy)
         ours = model(**reduced).logits
     assert int((reduced["input_ids"] == IDS["<image>"]).sum()) == k
-    assert policy.front_end().last_selection is not None
+    assert reducer_of(policy).last_selection is not None
     short, emb, kept = _hand_reduced(model, inputs, k)
-    assert policy.front_end().last_selection.tolist() == kept.tolist()
+    assert reducer_of(policy).last_selection.tolist() == kept.tolist()
     assert torch.equal(reduced["input_ids"], short)
     mask = torch.ones_like(short)
     groups = reference_groups(short, mask, adapter.vision_token_ids())
