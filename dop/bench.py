@@ -6,7 +6,7 @@ per policy, the FLOPs reduction, the latency reduction and their ratio (1.0 = la
 fast as FLOPs). ``dop stage=bench`` and ``scripts/bench_engine.py`` call :func:`run_bench`.
 
 Baselines run beside the policies at one budget, each at the knob budget matching gives it
-(``dop.baselines.budget``; hyper-parameters from ``conf/method/<name>.yaml``)::
+(``dop.engine.baselines.budget``; hyper-parameters from ``conf/method/<name>.yaml``)::
 
     dop stage=bench bench.methods=[fastv,pdrop,visionzip] bench.budget=tokens:128 num_threads=1
     dop stage=bench bench.methods=all            # every registered method, at cfg.budget's first value
@@ -228,7 +228,7 @@ def run_bench(
         l_red = 1 - latency / base if base else float("nan")
         rows.append(BenchRow(name, flops, f_red, latency, l_red, l_red / f_red if f_red > 0 else float("nan")))
     if methods:
-        from dop.baselines.budget import method_flops
+        from dop.engine.baselines.budget import method_flops
 
         for name, (method, knob) in methods.items():
             if name not in samples:
@@ -270,8 +270,8 @@ def run(cfg) -> list[BenchRow]:
     model = inputs = groups = None
     budget = None
     if names:
-        from dop.baselines import MethodError, known_methods
-        from dop.baselines.budget import match_budget
+        from dop.engine.baselines import MethodError, known_methods
+        from dop.engine.baselines.budget import match_budget
         from dop.budget import parse_budgets
 
         names = known_methods() if names in ("all", ["all"]) else [str(n) for n in names]
@@ -281,7 +281,7 @@ def run(cfg) -> list[BenchRow]:
             try:
                 method = method_from_config(name)
                 if getattr(method, "needs_text", False) and method.hparams.get("text_tower") is None:
-                    from dop.baselines import get_method
+                    from dop.engine.baselines import get_method
 
                     clip, tok = bench_text_tower(model)  # the slice has no CLIP text tower of its own
                     method = get_method(name, **{**method.hparams, "text_tower": clip, "text_tokenizer": tok})
@@ -304,7 +304,7 @@ def run(cfg) -> list[BenchRow]:
     out = Path(cfg.paths.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps([asdict(r) for r in rows], indent=2, default=str))
-    notes = [f"baselines at {budget.kind}={budget.value:g} (knob by dop.baselines.budget)"] if budget else []
+    notes = [f"baselines at {budget.kind}={budget.value:g} (knob by dop.engine.baselines.budget)"] if budget else []
     notes += [f"skipped {name}: {why}" for name, why in skipped.items()]
     (out / "bench.md").write_text(table + "\n" + "".join(f"\n{n}" for n in notes) + ("\n" if notes else ""))
     return rows
@@ -314,7 +314,7 @@ def method_from_config(name: str):
     """A registered method with the hyper-parameters of ``conf/method/<name>.yaml`` (defaults if absent)."""
     from omegaconf import OmegaConf
 
-    from dop.baselines.budget import resolve_method
+    from dop.engine.baselines.budget import resolve_method
     from dop.cli import CONF_DIR
 
     path = Path(CONF_DIR) / "method" / f"{name}.yaml"

@@ -1,7 +1,7 @@
 """A CLIP text tower aligned with the embedded tiny LLaVA's frozen vision tower (for TRIM / CDPruner).
 
 TRIM and CDPruner score image patches against the question with a CLIP *text* tower in the joint
-space of the vision tower (``dop.baselines.reducer.TextGuidedReducer``). LLaVA ships only the vision
+space of the vision tower (``dop.engine.baselines.reducer.TextGuidedReducer``). LLaVA ships only the vision
 tower, so for the embedded tiny LLaVA (``dop/assets/tiny_llava``) this module trains the missing half
 the way CLIP was trained, and ships it in ``dop/assets/tiny_clip_text`` (``"tiny_clip_text"`` in
 ``dop.models.resolve_path``; ``conf/model/tiny_llava.yaml: clip_text_tower``):

@@ -5,8 +5,8 @@ paper's depth-wise form: one depth per (type, group) pair, every layer >= depth 
 to a ``Policy`` and adds the dead operations that a pruned key/value side makes free.
 
 Both may carry DOP's front end ``n_v``: the visual tokens per image that a pre-LLM reducer
-(``reducer``, a ``pre_llm`` method of ``dop.baselines``; VisPruner by default) keeps before the
-decoder. The policy's operations then act on the ``n_v`` kept tokens (``dop.front_end``).
+(``reducer``, a ``pre_llm`` method of ``dop.engine.baselines``; VisPruner by default) keeps before the
+decoder. The policy's operations then act on the ``n_v`` kept tokens (``dop.engine.front_end``).
 """
 
 from __future__ import annotations

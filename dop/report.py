@@ -7,7 +7,7 @@
 Rows are (method, budget), dense first; columns are benchmarks (each at its headline metric from
 ``conf/benchmark``), then ``Avg`` (mean over the row's benchmarks) and ``% dense`` (mean over
 benchmarks of value / dense value, the usual way pruning papers compare methods on mixed scales).
-When the store holds baselines (records with a matched knob, ``dop.baselines.budget``), the table
+When the store holds baselines (records with a matched knob, ``dop.engine.baselines.budget``), the table
 also shows each row's prefill TFLOPs (dop convention), the method's knob and its FLOPs in its own
 paper's convention.
 """

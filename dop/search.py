@@ -21,7 +21,7 @@ setting with Pareto dominance and two admissible bounds (``solve_exact``):
 Per-layer costs come from ``dop.flops.count_flops`` itself (``CostModel.from_flops`` probes it per
 layer and per op, then checks the fitted model against ``count_flops`` on random policies).
 
-The front end ``n_v`` (``dop.front_end``) is searched jointly (``solve_joint``): its values are few,
+The front end ``n_v`` (``dop.engine.front_end``) is searched jointly (``solve_joint``): its values are few,
 so for each one the depths are solved exactly with the cost model of ``n_v`` visual tokens, under
 the same budget (a fraction of the *unreduced* dense cost), and the policy with the least total
 predicted KL (depth terms + the ``n_v`` term, additive like the rest) wins.

@@ -14,7 +14,7 @@ point keeps, so layer ``depth`` is computed here from the dense post-attention s
 the engine starts at ``depth + 1``; and a q/mlp point at the last layer for a group holding no scored
 position cannot change a scored logit (KL is exactly 0, nothing runs).
 
-The front end ``n_v`` (``dop.front_end``) is one more curve: an ``NvPoint`` per configured value, the
+The front end ``n_v`` (``dop.engine.front_end``) is one more curve: an ``NvPoint`` per configured value, the
 decoder dense on the ``n_v`` tokens the reducer keeps, stored at ``<run>/sweep/n_v_<reducer>/<n_v>.json``.
 Its sequence is shorter from layer 0 on, so it runs whole (no prefix reuse).
 """
@@ -86,7 +86,7 @@ NV_PREFIX = "n_v_"  # store folder of a front-end curve: n_v_<reducer>
 @dataclass(frozen=True, order=True)
 class NvPoint:
     """One point of the ``n_v`` curve: every operation dense, ``n_v`` visual tokens per image kept by
-    ``reducer`` (``dop.front_end``)."""
+    ``reducer`` (``dop.engine.front_end``)."""
 
     reducer: str
     n_v: int
@@ -396,7 +396,7 @@ class PointScorer:
 def front_end_batch(model: nn.Module, batch: CalibrationBatch, policy: Policy) -> CalibrationBatch:
     """The batch a policy with ``n_v`` runs on: fewer image placeholders, the same scored positions
     (left padding keeps every row's tail, where the answer positions are, at the end)."""
-    from dop.front_end import prepare_inputs
+    from dop.engine.front_end import prepare_inputs
 
     inputs = dict(prepare_inputs(model, batch.inputs, policy))
     T, T_new = batch.score_mask.shape[1], inputs["input_ids"].shape[1]
@@ -510,7 +510,7 @@ class SweepJob:
         self.reducer: str | None = None
         self.nv_grid: list[int] = []
         if n_v:
-            from dop.front_end import nv_values, tokens_per_image
+            from dop.engine.front_end import nv_values, tokens_per_image
             from dop.policy import DEFAULT_REDUCER
 
             self.reducer = str(reducer or DEFAULT_REDUCER)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dop.baselines.base import Method, MethodError, uniform_schedule
+from dop.engine.baselines.base import Method, MethodError, uniform_schedule
 
 
 class _KeepTopK:
@@ -101,7 +101,7 @@ STANDINS = {"standin_fastv": "StandInFastV", "standin_firstk": "StandInFirstK",
 @contextmanager
 def standins_registered() -> Iterator[None]:
     """The stand-ins in dop's method registry for the block (removed after, so other tests see the real list)."""
-    import dop.baselines as registry
+    import dop.engine.baselines as registry
 
     for name, cls in STANDINS.items():
         registry.register(name, f"{__name__}:{cls}")

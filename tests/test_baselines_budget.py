@@ -8,8 +8,8 @@ import pytest
 from baseline_fixtures import StandInFastV, StandInFirstK, standins_registered
 from transformers import LlamaConfig
 
-from dop.baselines import MethodError, get_method, known_methods
-from dop.baselines.budget import Match, budget_to_flops, knob_flops, match_budget, resolve_method
+from dop.engine.baselines import MethodError, get_method, known_methods
+from dop.engine.baselines.budget import Match, budget_to_flops, knob_flops, match_budget, resolve_method
 from dop.budget import Budget, parse_budgets
 from dop.flops import count_flops, flops_for_tokens
 

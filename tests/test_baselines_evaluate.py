@@ -19,7 +19,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from baseline_fixtures import StandInFastV, StandInFirstK, standins_registered  # noqa: E402
 from evaluation_fixtures import save_synthetic, save_tiny_llava, synthetic_dataset, tiny_llava  # noqa: E402
 
-from dop.baselines import MethodError  # noqa: E402
+from dop.engine.baselines import MethodError  # noqa: E402
 from dop.evaluation import scoring, stage  # noqa: E402
 from dop.evaluation.plugin import DopLMM  # noqa: E402
 from dop.evaluation.tasks import TASK_NAME, write_task_dir  # noqa: E402

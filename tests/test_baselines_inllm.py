@@ -14,10 +14,10 @@ from tiny_models import BUILDERS
 from transformers import LlamaConfig
 
 from dop.adapters import get_adapter
-from dop.baselines import MethodError, get_method
-from dop.baselines.dart import dart_select
-from dop.baselines.sparsevlm import rater_scores, text_raters
-from dop.baselines.vtw import shallowest_below
+from dop.engine.baselines import MethodError, get_method
+from dop.engine.baselines.dart import dart_select
+from dop.engine.baselines.sparsevlm import rater_scores, text_raters
+from dop.engine.baselines.vtw import shallowest_below
 from dop.divergence import CalibrationBatch
 from dop.flops import count_flops, flops_for_tokens, kept_tokens_per_layer
 
@@ -97,7 +97,7 @@ def test_fastv_keeps_the_rows_the_last_token_attends_most():
     probs[0, :, 0, [3, 6]] = torch.tensor([[0.3, 0.2], [0.1, 0.2]])  # head-mean 0.2, 0.2 -> tie by position
     probs[0, :, 0, 0] = 0.9  # a system row: never a candidate
     probs[1, 0, 0, [2, 7, 5]] = torch.tensor([0.5, 0.4, 0.3])
-    from dop.baselines.fastv import _FastVSelector
+    from dop.engine.baselines.fastv import _FastVSelector
 
     ctx = FakeCtx(1, groups, probs)
     _FastVSelector(K=2, keep=2).before_layer(ctx)
@@ -112,7 +112,7 @@ def test_fastv_keeps_the_rows_the_last_token_attends_most():
 
 
 def test_pdrop_stage_keeps_ratio_of_original_vision_by_last_instruction_attention():
-    from dop.baselines.pyramiddrop import _PDropSelector
+    from dop.engine.baselines.pyramiddrop import _PDropSelector
 
     groups = groups_of([(0, 1, 8, 3)])  # vision rows 1..8, instruction 9..11
     probs = torch.zeros(1, 2, 1, 12)
@@ -141,7 +141,7 @@ def test_sparsevlm_raters_and_scores():
 
 
 def test_density_peak_clusters_find_the_blobs():
-    from dop.baselines.sparsevlm import density_peak_clusters, recycled
+    from dop.engine.baselines.sparsevlm import density_peak_clusters, recycled
 
     g = torch.Generator().manual_seed(0)
     centres_true = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])

@@ -16,15 +16,15 @@ import torch
 import yaml
 from tiny_models import BUILDERS, tokenizer
 
-from dop.baselines import MethodError, get_method
-from dop.baselines.cdpruner import dpp_greedy
-from dop.baselines.divprune import divprune_select
-from dop.baselines.fastervlm import fastervlm_select
-from dop.baselines.prumerge import prumerge_select, prumerge_tokens
-from dop.baselines.reducer import iqr_outliers, shorten_prompt
-from dop.baselines.trim import trim_tokens
-from dop.baselines.visionzip import split_budget, visionzip_tokens
-from dop.baselines.vispruner import vispruner_select
+from dop.engine.baselines import MethodError, get_method
+from dop.engine.baselines.cdpruner import dpp_greedy
+from dop.engine.baselines.divprune import divprune_select
+from dop.engine.baselines.fastervlm import fastervlm_select
+from dop.engine.baselines.prumerge import prumerge_select, prumerge_tokens
+from dop.engine.baselines.reducer import iqr_outliers, shorten_prompt
+from dop.engine.baselines.trim import trim_tokens
+from dop.engine.baselines.visionzip import split_budget, visionzip_tokens
+from dop.engine.baselines.vispruner import vispruner_select
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"

@@ -1,4 +1,4 @@
-"""Pre-LLM reducers on LLaVA-NeXT (``dop.baselines.vision_access_next``).
+"""Pre-LLM reducers on LLaVA-NeXT (``dop.engine.baselines.vision_access_next``).
 
 As on Qwen-VL, the prompt keeps every ``<image>`` placeholder; the reducer picks ``k`` of each
 image's packed rows (split over its crops, each crop scored by its own [CLS]) and the engine drops
@@ -24,10 +24,10 @@ from baseline_fixtures import check_golden
 from tiny_models import BUILDERS
 
 from dop.adapters import get_adapter
-from dop.baselines import MethodError, get_method
-from dop.baselines.budget import match_budget
-from dop.baselines.reducer import _tower_layers, feature_layer_index
-from dop.baselines.vision_access_next import crop_quotas, packing_map
+from dop.engine.baselines import MethodError, get_method
+from dop.engine.baselines.budget import match_budget
+from dop.engine.baselines.reducer import _tower_layers, feature_layer_index
+from dop.engine.baselines.vision_access_next import crop_quotas, packing_map
 from dop.budget import Budget
 from dop.engine import prune
 from dop.flops import flops_for_tokens
@@ -285,9 +285,9 @@ def test_visual_selector_runs_under_the_callers_engine(built, next_model):
 
 
 def test_front_end_policy_on_llava_next(built, next_model):
-    """DOP's n_v front end (``dop.front_end``) on LLaVA-NeXT: the n_v policy equals the VisPruner
+    """DOP's n_v front end (``dop.engine.front_end``) on LLaVA-NeXT: the n_v policy equals the VisPruner
     baseline, and a policy's operations act on the n_v kept rows (one engine, not two)."""
-    from dop.front_end import prepare_inputs
+    from dop.engine.front_end import prepare_inputs
     from dop.policy import DepthPolicy, Policy
 
     model = next_model
@@ -318,7 +318,7 @@ def test_text_guided_reducers_run_on_llava_next_with_a_matching_text_tower(next_
 
 
 def test_tokens_per_image_depends_on_the_image(next_model):
-    from dop.baselines.reducer import tokens_per_image
+    from dop.engine.baselines.reducer import tokens_per_image
 
     with pytest.raises(MethodError, match="LLaVA-NeXT tokens per image depend on the image size"):
         tokens_per_image(next_model)

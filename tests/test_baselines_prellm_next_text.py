@@ -1,4 +1,4 @@
-"""TRIM and CDPruner on LLaVA-NeXT (text-guided pre-LLM reducers, ``dop.baselines.vision_access_next``).
+"""TRIM and CDPruner on LLaVA-NeXT (text-guided pre-LLM reducers, ``dop.engine.baselines.vision_access_next``).
 
 A tiny random CLIP whose vision side matches the tiny LLaVA-NeXT tower (``clip_fixtures.NEXT_TOWER``:
 width 32, 56-pixel crops, patch 14) is saved with ``save_pretrained`` and given as ``text_tower``.
@@ -23,8 +23,8 @@ from clip_fixtures import NEXT_TOWER, save_tiny_clip
 from test_baselines_prellm_next import hand_packing, one
 from tiny_models import BUILDERS
 
-from dop.baselines import MethodError, get_method
-from dop.baselines.vision_access_next import image_samples
+from dop.engine.baselines import MethodError, get_method
+from dop.engine.baselines.vision_access_next import image_samples
 
 GOLDEN = Path(__file__).parent / "golden"
 METHODS = ["trim", "cdpruner"]

@@ -1,4 +1,4 @@
-"""Pre-LLM reducers on Qwen2-VL / Qwen2.5-VL (``dop.baselines.vision_access``).
+"""Pre-LLM reducers on Qwen2-VL / Qwen2.5-VL (``dop.engine.baselines.vision_access``).
 
 On Qwen the prompt keeps every ``<|image_pad|>``; the reducer picks ``k`` merger-output tokens per
 image and the engine drops the other visual rows before decoder layer 0 (original M-RoPE positions).
@@ -23,9 +23,9 @@ from PIL import Image
 from tiny_models import BUILDERS, _texts, tokenizer
 
 from dop.adapters import get_adapter
-from dop.baselines import MethodError, get_method
-from dop.baselines.budget import match_budget
-from dop.baselines.vision_access import (
+from dop.engine.baselines import MethodError, get_method
+from dop.engine.baselines.budget import match_budget
+from dop.engine.baselines.vision_access import (
     group_order,
     merged_tokens_per_image,
     received_attention,

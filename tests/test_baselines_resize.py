@@ -10,10 +10,10 @@ from PIL import Image
 from test_baselines_prellm_qwen import PROC, make_inputs
 from tiny_models import BUILDERS, _texts
 
-from dop.baselines import MethodError, get_method
-from dop.baselines.resize import patchify, target_grid, unpatchify
+from dop.engine.baselines import MethodError, get_method
+from dop.engine.baselines.resize import patchify, target_grid, unpatchify
 from dop.engine import prune
-from dop.front_end import prepare_inputs, reducer_of
+from dop.engine.front_end import prepare_inputs, reducer_of
 from dop.policy import DepthPolicy, Policy
 
 TEMPLATE = "<|im_start|> {sys} <|vision_start|> <|image_pad|> <|vision_end|> {q} <|im_end|> <|im_start|> assistant"

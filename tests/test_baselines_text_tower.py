@@ -20,7 +20,7 @@ import torch
 import yaml
 from clip_fixtures import MAX_POSITIONS, save_tiny_clip
 
-from dop.baselines import MethodError, get_method
+from dop.engine.baselines import MethodError, get_method
 from dop.models import load_model, prepare_inputs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -177,11 +177,11 @@ BASELINES = ["fastv", "pdrop", "sparsevlm", "visionzip", "prumerge_plus", "trim"
 
 
 def _baseline_or_skip(method: str):
-    from dop.baselines import _METHODS
+    from dop.engine.baselines import _METHODS
 
     target = _METHODS.get(method)
     if target is None:
-        pytest.skip(f"{method} is not registered in dop.baselines")
+        pytest.skip(f"{method} is not registered in dop.engine.baselines")
     try:
         importlib.import_module(target.split(":")[0])
     except ImportError as err:
@@ -195,7 +195,7 @@ def _baseline_or_skip(method: str):
 def test_main_table_baseline_cell_on_tiny(method, smoke_runs, smoke_root):
     """A baseline cell of the main table: the evaluate stage at the budget, records under its name."""
     _baseline_or_skip(method)
-    from dop.baselines import MethodError
+    from dop.engine.baselines import MethodError
 
     # budget 0.8: e.g. FastV (K=2) cannot go below ~0.70 of dense on the 6-layer tiny model
     try:

@@ -17,11 +17,11 @@ from tiny_models import BUILDERS, IDS
 import dop.search as search
 import dop.sweep as sweep
 from dop.adapters import get_adapter
-from dop.baselines import MethodError, get_method
-from dop.baselines.vispruner import vispruner_select
+from dop.engine.baselines import MethodError, get_method
+from dop.engine.baselines.vispruner import vispruner_select
 from dop.engine import EngineError, prune
 from dop.flops import count_flops
-from dop.front_end import nv_values, prepare_inputs, reducer_of
+from dop.engine.front_end import nv_values, prepare_inputs, reducer_of
 from dop.policy import DepthPolicy, Policy, PolicyError
 from dop.search import CostModel, InfeasibleBudgetError, Solution, solve_exact, solve_joint
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dop import clip_text as ct
-from dop.baselines import get_method
+from dop.engine.baselines import get_method
 from dop.data import synthetic as syn
 from dop.models import TINY_CLIP_TEXT_DIR, load_model, resolve_path
 

@@ -23,7 +23,7 @@ from lmms_eval.api.model import lmms
 
 from dop.evaluation import scoring
 
-# The plugin's own methods; every registered baseline (``dop.baselines.known_methods()``) is known too.
+# The plugin's own methods; every registered baseline (``dop.engine.baselines.known_methods()``) is known too.
 KNOWN_METHODS: tuple[str, ...] = ("dense", "policy")
 
 # lmms-eval's prompt variants are chosen by model name; dop always asks for the same one.
@@ -32,7 +32,7 @@ MODEL_NAME = "dop"
 
 def known_methods() -> list[str]:
     """``dense``, ``policy`` and the registered baselines."""
-    from dop.baselines import known_methods as baselines
+    from dop.engine.baselines import known_methods as baselines
 
     return [*KNOWN_METHODS, *baselines()]
 
@@ -89,11 +89,11 @@ class DopLMM(lmms):
     """An lmms-eval model wrapping a transformers MLLM, run dense or under a pruning policy.
 
     model_args: ``pretrained`` (a ``load_model`` name or path), ``policy`` (a policy YAML),
-    ``method`` (``dense`` | ``policy`` | a baseline name from ``dop.baselines``; default: ``policy``
+    ``method`` (``dense`` | ``policy`` | a baseline name from ``dop.engine.baselines``; default: ``policy``
     when a policy is given), ``knob`` (the baseline's knob value, e.g. kept tokens), or ``budget``
     (``tokens:128``, ``ratio:0.3``, ``tflops:3.4``: the knob is matched to it on a sample prompt),
     ``batch_size``, ``dtype``, ``attn_implementation``, ``device``. In-process, ``method`` may be a
-    ``dop.baselines.Method`` instance (hyper-parameters kept).
+    ``dop.engine.baselines.Method`` instance (hyper-parameters kept).
     """
 
     def __init__(
@@ -120,9 +120,9 @@ class DopLMM(lmms):
             if unknown:
                 raise TypeError(f"dop plugin: unknown model_args {sorted(unknown)}")
         self.policy = load_policy(policy)
-        from dop.baselines import Method
+        from dop.engine.baselines import Method
 
-        # the baseline (a dop.baselines.Method) and its knob; None for dense / policy
+        # the baseline (a dop.engine.baselines.Method) and its knob; None for dense / policy
         self.baseline: Method | None = method if isinstance(method, Method) else None
         if self.baseline is not None:
             method = self.baseline.name
@@ -138,7 +138,7 @@ class DopLMM(lmms):
         if not is_baseline and (knob is not None or budget is not None):
             raise ValueError(f"dop plugin: knob=/budget= are for baseline methods, not method={self.method}")
         if is_baseline and self.baseline is None:
-            from dop.baselines import get_method
+            from dop.engine.baselines import get_method
 
             self.baseline = get_method(self.method)
         if is_baseline and (knob is None) == (budget is None):
@@ -171,7 +171,7 @@ class DopLMM(lmms):
 
     def _match_budget(self, spec: str):
         """The knob for ``budget=<kind>:<value>`` on the stage's sample prompt (one image)."""
-        from dop.baselines.budget import match_budget
+        from dop.engine.baselines.budget import match_budget
         from dop.budget import parse_budgets
         from dop.evaluation.stage import sample_inputs, token_groups
 

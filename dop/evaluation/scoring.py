@@ -104,7 +104,7 @@ def running(model: Any, policy: Any = None, method: Any = None, knob: Any = None
 def prepare(model: Any, batch: Any, method: Any = None, knob: Any = None, policy: Any = None,
             instructions: Sequence[str] | None = None) -> Any:
     """``method.prepare_inputs`` (pre-LLM methods shorten the prompt), or the policy's ``n_v`` front
-    end (``dop.front_end``); the batch itself otherwise. Called before entering ``running``, on every
+    end (``dop.engine.front_end``); the batch itself otherwise. Called before entering ``running``, on every
     encoded batch. ``instructions`` (one question per row) reach text-guided methods (TRIM, CDPruner:
     ``method.needs_text``) as ``inputs["instruction"]``."""
     if method is not None:
@@ -112,7 +112,7 @@ def prepare(model: Any, batch: Any, method: Any = None, knob: Any = None, policy
             batch = {**batch, "instruction": list(instructions)}
         return method.prepare_inputs(model, batch, knob)
     if policy is not None and policy.n_v is not None:
-        from dop.front_end import prepare_inputs
+        from dop.engine.front_end import prepare_inputs
 
         return prepare_inputs(model, batch, policy)
     return batch
@@ -142,7 +142,7 @@ def generate_texts(
 ) -> list[str]:
     """Greedy continuations of one batch of prompts, cut at ``until``.
 
-    ``method``/``knob``: a baseline (``dop.baselines``) instead of a policy; its ``prepare_inputs``
+    ``method``/``knob``: a baseline (``dop.engine.baselines``) instead of a policy; its ``prepare_inputs``
     runs on the encoded batch and generation runs under its ``apply``. ``instructions``: the bare
     question of each prompt, for text-guided methods (``prepare``).
     """

@@ -7,7 +7,7 @@
     dop stage=evaluate method=fastv budget=tokens budget.values=[192,128,64]   # a baseline, 3 budgets
 
 For each policy (none = dense), or each budget of a baseline (``method=<name>``; its knob is matched
-so its dop-convention prefill FLOPs are the largest not above the budget, ``dop.baselines.budget``;
+so its dop-convention prefill FLOPs are the largest not above the budget, ``dop.engine.baselines.budget``;
 ``check_model`` runs first): prefill TFLOPs and equivalent tokens of one sample, a prefill latency,
 then every benchmark in one ``simple_evaluate`` each (a fixed ``TaskManager(model_name="dop")`` so every
 method gets the same prompts). One ``Record`` per (benchmark, metric) goes to the results store;
@@ -54,14 +54,14 @@ def policy_specs(policy_arg: Any) -> list[dict[str, Any]]:
     return specs
 
 
-# method names that mean "DOP's policies or dense" rather than a baseline from dop.baselines
+# method names that mean "DOP's policies or dense" rather than a baseline from dop.engine.baselines
 POLICY_METHODS: tuple[str, ...] = ("dop", "dense", "policy")
 
 
 def baseline_of(method_cfg: Any):
     """The baseline ``Method`` that ``cfg.method`` selects, or None for dop/dense/policy.
 
-    ``method.name`` is the registry key (``dop.baselines``); the other keys are its hyper-parameters.
+    ``method.name`` is the registry key (``dop.engine.baselines``); the other keys are its hyper-parameters.
     An unknown name raises ``MethodError`` listing the known methods.
     """
     if not method_cfg:
@@ -69,7 +69,7 @@ def baseline_of(method_cfg: Any):
     name = str(method_cfg.get("name", "dop"))
     if name in POLICY_METHODS:
         return None
-    from dop.baselines.budget import resolve_method
+    from dop.engine.baselines.budget import resolve_method
 
     return resolve_method(method_cfg)
 
@@ -82,8 +82,8 @@ def baseline_specs(method: Any, model: Any, groups: dict[str, int], budget_cfg: 
     naming the nearest reachable one) is appended to ``unreachable`` and the others still run; when
     no budget is reachable (or no list is given) the error is raised at once.
     """
-    from dop.baselines.base import MethodError
-    from dop.baselines.budget import match_budget
+    from dop.engine.baselines.base import MethodError
+    from dop.engine.baselines.budget import match_budget
     from dop.budget import parse_budgets
 
     specs = []

@@ -6,8 +6,8 @@ convention (``dop.flops.count_flops`` over the method's per-layer schedule, the 
 search uses) and takes the largest not above the budget, so every method is compared with DOP at
 equal TFLOPs::
 
-    from dop.baselines import get_method
-    from dop.baselines.budget import match_budget
+    from dop.engine.baselines import get_method
+    from dop.engine.baselines.budget import match_budget
     from dop.budget import Budget
 
     m = match_budget(get_method("fastv"), text_config, {"system": 35, "vision": 576, "instruction": 100},
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dop.baselines.base import Method, MethodError, _text
+from dop.engine.baselines.base import Method, MethodError, _text
 from dop.budget import Budget
 from dop.flops import count_flops, equivalent_tokens, flops_for_tokens
 
@@ -80,7 +80,7 @@ def _jsonable(x: Any) -> Any:
 
 def resolve_method(method: Method | str | Mapping[str, Any], **hparams: Any) -> Method:
     """A ``Method`` from an instance, a registry name, or a config node ``{name: ..., <hparams>}``."""
-    from dop.baselines import get_method
+    from dop.engine.baselines import get_method
 
     if isinstance(method, Method):
         return method

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dop.baselines.base import Method, MethodError, check_int, num_layers_of, uniform_schedule
+from dop.engine.baselines.base import Method, MethodError, check_int, num_layers_of, uniform_schedule
 from dop.ops import VISION
 
 

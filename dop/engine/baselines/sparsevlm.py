@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dop.baselines.base import (
+from dop.engine.baselines.base import (
     Method,
     MethodError,
     last_rows,

@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL vision-tower access for the pre-LLM reducers (``dop.baselines.reducer``).
+"""Qwen2-VL / Qwen2.5-VL vision-tower access for the pre-LLM reducers (``dop.engine.baselines.reducer``).
 
 On Qwen the prompt is not shortened: the tower's merger output (``model.model.visual``'s
 ``pooler_output``, ``(tokens of all images, D)``, the rows the LLM gets at the ``<|image_pad|>``
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dop.baselines.base import MethodError
+from dop.engine.baselines.base import MethodError
 from dop.ops import VISION
 
 QWEN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")

@@ -12,10 +12,10 @@
 
 Qwen2-VL / Qwen2.5-VL (no [CLS] token): important tokens by the received attention of the last
 (full-attention) vision block (mean over heads and query rows, summed over each token's 2x2
-patches); de-duplication on the merger-output tokens (``dop.baselines.vision_access``); the other
+patches); de-duplication on the merger-output tokens (``dop.engine.baselines.vision_access``); the other
 visual rows are dropped before decoder layer 0.
 
-LLaVA-NeXT (``dop.baselines.vision_access_next``): as in the official code, per crop with that
+LLaVA-NeXT (``dop.engine.baselines.vision_access_next``): as in the official code, per crop with that
 crop's own [CLS] attention, de-duplicating on the crop's vision-tower features; ``k`` per image is
 split evenly over the crops (official: ``visual_token_num`` per crop), candidates are the packed
 patch rows (after unpad; no newline rows), the other visual rows are dropped before layer 0.
@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import torch
 
-from dop.baselines.reducer import ImageTokens, ReducerMethod, VisionContext
+from dop.engine.baselines.reducer import ImageTokens, ReducerMethod, VisionContext
 
 
 def vispruner_select(cls_attention: torch.Tensor, features: torch.Tensor, k: int, ratio: float,

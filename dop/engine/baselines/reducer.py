@@ -23,12 +23,12 @@ Supported: ``LlavaForConditionalGeneration`` (``model_type == "llava"``) with a 
 tower, one ``vision_feature_layer`` and the ``default`` feature strategy (LLaVA-1.5); and Qwen2-VL /
 Qwen2.5-VL (``qwen2_vl``, ``qwen2_5_vl``), where the prompt is *not* shortened: the tower's merger
 output is reduced per image and the other visual rows are dropped before decoder layer 0 by an
-engine selector, kept rows at their original M-RoPE positions (``dop.baselines.vision_access``;
+engine selector, kept rows at their original M-RoPE positions (``dop.engine.baselines.vision_access``;
 methods implement ``reduce_image``/``select_image`` there). FLOPs are the same on both paths
 (``schedule``). LLaVA-NeXT (``llava_next``) works like Qwen-VL: the prompt keeps every placeholder,
 ``k`` of each image's packed rows are kept per image (split over its crops, each crop scored by its
 own [CLS] attention, or for TRIM / CDPruner by the relevance to the instruction) and the others
-dropped before layer 0 (``dop.baselines.vision_access_next``).
+dropped before layer 0 (``dop.engine.baselines.vision_access_next``).
 Other families (OneVision's SigLIP has no [CLS] and its packing interpolates, InternVL
 pixel-shuffles tiles, Qwen3-VL adds deepstack features) raise ``MethodError`` in ``check_model``,
 naming the supported ones.
@@ -44,22 +44,22 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dop.baselines.base import Method, MethodError, uniform_schedule
-from dop.baselines.vision_access import (
+from dop.engine.baselines.base import Method, MethodError, uniform_schedule
+from dop.engine.baselines.vision_access import (
     QWEN_MODEL_TYPES,
     ImageTokens,
     QwenVisualReducer,
     check_qwen_tower,
     is_qwen,
 )
-from dop.baselines.vision_access_next import (
+from dop.engine.baselines.vision_access_next import (
     NEXT_MODEL_TYPES,
     NextVisualReducer,
     check_next_tower,
     image_samples,
     is_llava_next,
 )
-from dop.engine import prune
+from dop.engine.core import prune
 from dop.ops import VISION
 
 SUPPORTED_MODEL_TYPES = ("llava", *QWEN_MODEL_TYPES, *NEXT_MODEL_TYPES)
@@ -119,7 +119,7 @@ def tokens_per_image(model: nn.Module) -> int:
     Qwen-VL the count depends on the image: ``vision_access.merged_tokens_per_image``)."""
     if is_qwen(model):
         raise MethodError("Qwen-VL tokens per image depend on the image size: use "
-                          "dop.baselines.vision_access.merged_tokens_per_image(model, image_grid_thw)")
+                          "dop.engine.baselines.vision_access.merged_tokens_per_image(model, image_grid_thw)")
     if is_llava_next(model):
         raise MethodError("LLaVA-NeXT tokens per image depend on the image size (anyres crops, unpadding, "
                           "newline rows): count the <image> placeholders of the processed prompt")

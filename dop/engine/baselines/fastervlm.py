@@ -12,10 +12,10 @@ from the paper except that the score is recomputed instead of read from an eager
 
 Qwen2-VL / Qwen2.5-VL (no [CLS] token): the top-``k`` merger-output tokens of each image by the
 received attention of the last (full-attention) vision block, averaged over heads and query rows
-and summed over each token's 2x2 patches (``dop.baselines.vision_access``); the other visual rows
+and summed over each token's 2x2 patches (``dop.engine.baselines.vision_access``); the other visual rows
 are dropped before decoder layer 0.
 
-LLaVA-NeXT (``dop.baselines.vision_access_next``): as in the official code, each crop's patches are
+LLaVA-NeXT (``dop.engine.baselines.vision_access_next``): as in the official code, each crop's patches are
 ranked by that crop's own [CLS] attention (head mean, feature layer); ``k`` per image is split evenly
 over the crops (official: ``visual_token_num`` per crop), candidates are the packed patch rows (after
 unpad; no newline rows), the other visual rows are dropped before layer 0.
@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import torch
 
-from dop.baselines.reducer import ImageTokens, ReducerMethod, VisionContext, topk_sorted
+from dop.engine.baselines.reducer import ImageTokens, ReducerMethod, VisionContext, topk_sorted
 
 
 def fastervlm_select(cls_attention: torch.Tensor, k: int) -> torch.Tensor:

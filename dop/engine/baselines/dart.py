@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dop.baselines.base import Method, MethodError, check_int, uniform_schedule
+from dop.engine.baselines.base import Method, MethodError, check_int, uniform_schedule
 from dop.ops import INSTRUCTION, VISION
 
 

@@ -1,4 +1,4 @@
-"""The operation-pruning engine: per-instance, reversible, gather/scatter.
+"""The engine core: per-instance, reversible, gather/scatter (``dop.engine.prune`` adds the ``n_v`` front end).
 
 ``prune(model, policy)`` overrides ``forward`` on each decoder-layer *instance* of one model (never a
 class) and adds a forward pre-hook on the module that receives ``input_ids``; leaving the ``with``
@@ -561,21 +561,12 @@ def prune(
     prefix: tuple[int, torch.Tensor] | None = None,
     selectors: list | None = None,
 ) -> Iterator[Pruner]:
-    """Run ``model`` under ``policy`` inside the block; the model is restored on exit.
-
-    ``prefix=(D, hidden_D)`` starts layer D from a known dense hidden state (layers < D are skipped);
-    it serves divergence sweeps, whose layers shallower than the pruning depth are exactly dense.
-    ``selectors`` choose rows per sample during a prefill: each one's ``before_layer(ctx)`` is
-    called with a :class:`LayerContext` at the start of every decoder layer. A policy with ``n_v``
-    also installs its reducer; its inputs must come from ``dop.front_end.prepare_inputs``.
-    """
-    from dop.front_end import hooks
-
-    with hooks(model, policy) as front:  # the n_v front end (inputs from dop.front_end.prepare_inputs)
-        pruner = Pruner(model, policy if policy is not None else Policy(), adapter=adapter, prefix=prefix,
-                        selectors=[*front, *(selectors or [])])
-        pruner.install()
-        try:
-            yield pruner
-        finally:
-            pruner.remove()
+    """The gather/scatter core of ``dop.engine.prune``, without the ``n_v`` front end: the baselines'
+    selectors run on it, and ``dop.engine.prune`` composes it with the front end."""
+    pruner = Pruner(model, policy if policy is not None else Policy(), adapter=adapter, prefix=prefix,
+                    selectors=selectors)
+    pruner.install()
+    try:
+        yield pruner
+    finally:
+        pruner.remove()

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dop.engine import prune
+from dop.engine.core import prune
 from dop.flops import count_flops, text_shape
 from dop.ops import VISION
 

@@ -2,7 +2,7 @@
 
 The paper's third policy parameter (reviewers' (D_A, D_P, n_v)): a token-reduction method chosen
 per model family (VisPruner by default) keeps ``n_v`` visual tokens, and the policy's operations
-act on those. The reducer is a ``dop.baselines`` pre-LLM method, so DOP's front end and that
+act on those. The reducer is a ``dop.engine.baselines`` pre-LLM method, so DOP's front end and that
 baseline are the same code: ``prepare_inputs`` shortens the prompt to ``n_v`` placeholders per
 image and ``dop.engine.prune`` installs the reducer's hooks (``hooks``) around the pruned decoder.
 The sweep measures ``n_v``'s divergence curve like a depth parameter (``dop.sweep.NvPoint``) and
@@ -18,21 +18,22 @@ from typing import Any
 
 from torch import nn
 
+from dop.engine.baselines import get_method
+from dop.engine.baselines.reducer import drops_rows
+from dop.engine.baselines.reducer import tokens_per_image as count
 from dop.policy import Policy, PolicyError
 
 _REDUCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # policy -> its reducer instance
 
 
 def reducer_of(policy: Policy | None) -> Any:
-    """The policy's ``n_v`` reducer (a ``dop.baselines`` pre-LLM method), or ``None`` without ``n_v``.
+    """The policy's ``n_v`` reducer (a ``dop.engine.baselines`` pre-LLM method), or ``None`` without ``n_v``.
     One instance per policy: a text-guided reducer keeps its encoded instruction between
     ``prepare_inputs`` and the hooks."""
     if policy is None or policy.n_v is None:
         return None
     method = _REDUCERS.get(policy)
     if method is None:
-        from dop.baselines import get_method
-
         method = get_method(policy.reducer)
         if method.kind != "pre_llm":
             raise PolicyError(f"policy reducer {policy.reducer!r} is a {method.kind} method; n_v needs a "
@@ -58,8 +59,6 @@ def hooks(model: nn.Module, policy: Policy | None) -> Iterator[list[Any]]:
     if reducer is None:
         yield []
         return
-    from dop.baselines.reducer import drops_rows
-
     if drops_rows(model) and hasattr(reducer, "visual_selector"):  # token selection (input resizing has none)
         with reducer.visual_selector(model, policy.n_v) as selector:
             yield [selector]
@@ -72,10 +71,6 @@ def tokens_per_image(model: nn.Module, reducer: str, vision_rows: Sequence[int] 
     """Visual tokens per image before reduction (the dense end of the ``n_v`` axis): from the config
     on LLaVA-1.5; on Qwen-VL and LLaVA-NeXT, where it depends on the image, the most ``vision_rows``
     of a sample (one image per calibration sample)."""
-    from dop.baselines import get_method
-    from dop.baselines.reducer import drops_rows
-    from dop.baselines.reducer import tokens_per_image as count
-
     get_method(reducer).check_model(model)  # refuses a family the reducer does not support, naming it
     if drops_rows(model):
         if not vision_rows:

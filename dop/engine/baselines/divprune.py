@@ -7,10 +7,10 @@ min distance) from the chosen set; kept tokens in original order, dropped before
 Text-agnostic, no attention. ``SUBSET_RATIO`` = k / N; here the knob is ``k`` itself. No deviation.
 
 Qwen2-VL / Qwen2.5-VL: the same selection per image on the merger-output tokens (the LLM's visual
-tokens, ``dop.baselines.vision_access``); the other visual rows are dropped before decoder layer 0.
+tokens, ``dop.engine.baselines.vision_access``); the other visual rows are dropped before decoder layer 0.
 
 LLaVA-NeXT: the same selection per image over all its packed patch rows (the LLM's input embeddings,
-every crop at once; newline rows are not candidates), ``dop.baselines.vision_access_next``.
+every crop at once; newline rows are not candidates), ``dop.engine.baselines.vision_access_next``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from dop.baselines.reducer import ImageTokens, ReducerMethod, VisionContext
+from dop.engine.baselines.reducer import ImageTokens, ReducerMethod, VisionContext
 
 
 def divprune_select(tokens: torch.Tensor, k: int) -> torch.Tensor:

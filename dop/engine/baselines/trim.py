@@ -13,7 +13,7 @@ that score + the pooled token (the IQR count would make ``k`` image dependent; t
 baseline tables use ratio = k / 576). The question is truncated to CLIP's 77 tokens, as in TRIM.
 
 LLaVA-NeXT (its tower is the same CLIP-L/336 as LLaVA-1.5's, so the same text tower fits; the prompt
-keeps every placeholder and rows are dropped before layer 0, ``dop.baselines.vision_access_next``).
+keeps every placeholder and rows are dropped before layer 0, ``dop.engine.baselines.vision_access_next``).
 The official TRIM code has no LLaVA-NeXT path (its ``token_reduction`` runs on whatever batch the
 tower gets; on NeXT's crops it would keep a pooled token per crop and break the spatial packing), so
 dop decides:
@@ -44,7 +44,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from dop.baselines.reducer import (
+from dop.engine.baselines.reducer import (
     CLIP_TOWER_TYPES,
     TextGuidedReducer,
     VisionContext,
@@ -52,7 +52,7 @@ from dop.baselines.reducer import (
     complement,
     topk_sorted,
 )
-from dop.baselines.vision_access import ImageTokens
+from dop.engine.baselines.vision_access import ImageTokens
 
 _LLAVA_ONLY_WHY = ("; TRIM scores patches against the question in CLIP's joint image-text space, and "
                    "Qwen-VL's vision tower is not a CLIP encoder: no CLIP text tower shares its feature space")

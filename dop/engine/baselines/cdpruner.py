@@ -15,7 +15,7 @@ numbers on instructions longer than 77 tokens. Otherwise no deviation (the offic
 theta-weighting is commented out there too).
 
 LLaVA-NeXT (the same CLIP-L/336 tower as LLaVA-1.5, so the same text tower fits; the prompt keeps
-every placeholder and rows are dropped before layer 0, ``dop.baselines.vision_access_next``). The
+every placeholder and rows are dropped before layer 0, ``dop.engine.baselines.vision_access_next``). The
 official LLaVA-NeXT path (``Theia-4869/CDPruner`` ``llava_arch.py``: ``encode_images`` on all crops
 of the batch at once, then ``spatial`` packing without ``unpad``) does, per crop: similarity =
 cosine of that crop's projected patches; relevance = mean over segments of the negated cosine of
@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dop.baselines.reducer import CLIP_TOWER_TYPES, TextGuidedReducer, VisionContext, check_reducible
-from dop.baselines.vision_access import ImageTokens
+from dop.engine.baselines.reducer import CLIP_TOWER_TYPES, TextGuidedReducer, VisionContext, check_reducible
+from dop.engine.baselines.vision_access import ImageTokens
 
 _LLAVA_ONLY_WHY = ("; CDPruner's relevance compares patches with the instruction in CLIP's joint image-text "
                    "space, and Qwen-VL's vision tower is not a CLIP encoder: no CLIP text tower shares its "

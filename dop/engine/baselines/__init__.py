@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dop.baselines.base import Method, MethodError
+from dop.engine.baselines.base import Method, MethodError
 
 # name -> "module:Class"; imported lazily so one broken method never blocks the others.
 _METHODS: dict[str, str] = {}
@@ -32,20 +32,20 @@ def get_method(name: str, **hparams: Any) -> Method:
 
 for _name, _target in {
     # in-LLM selectors (decide at a layer from that layer's state)
-    "fastv": "dop.baselines.fastv:FastV",
-    "pdrop": "dop.baselines.pyramiddrop:PyramidDrop",
-    "sparsevlm": "dop.baselines.sparsevlm:SparseVLM",
-    "dart": "dop.baselines.dart:DART",
-    "vtw": "dop.baselines.vtw:VTW",
+    "fastv": "dop.engine.baselines.fastv:FastV",
+    "pdrop": "dop.engine.baselines.pyramiddrop:PyramidDrop",
+    "sparsevlm": "dop.engine.baselines.sparsevlm:SparseVLM",
+    "dart": "dop.engine.baselines.dart:DART",
+    "vtw": "dop.engine.baselines.vtw:VTW",
     # pre-LLM reducers (choose visual tokens before the decoder)
-    "fastervlm": "dop.baselines.fastervlm:FasterVLM",
-    "visionzip": "dop.baselines.visionzip:VisionZip",
-    "prumerge_plus": "dop.baselines.prumerge:PruMergePlus",
-    "trim": "dop.baselines.trim:TRIM",
-    "divprune": "dop.baselines.divprune:DivPrune",
-    "vispruner": "dop.baselines.vispruner:VisPruner",
-    "cdpruner": "dop.baselines.cdpruner:CDPruner",
-    "resize": "dop.baselines.resize:InputResize",  # Qwen-VL input resizing (DOP's n_v front end there)
+    "fastervlm": "dop.engine.baselines.fastervlm:FasterVLM",
+    "visionzip": "dop.engine.baselines.visionzip:VisionZip",
+    "prumerge_plus": "dop.engine.baselines.prumerge:PruMergePlus",
+    "trim": "dop.engine.baselines.trim:TRIM",
+    "divprune": "dop.engine.baselines.divprune:DivPrune",
+    "vispruner": "dop.engine.baselines.vispruner:VisPruner",
+    "cdpruner": "dop.engine.baselines.cdpruner:CDPruner",
+    "resize": "dop.engine.baselines.resize:InputResize",  # Qwen-VL input resizing (DOP's n_v front end there)
 }.items():
     register(_name, _target)
 

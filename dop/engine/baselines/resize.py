@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dop.baselines.base import Method, MethodError, check_int, uniform_schedule
+from dop.engine.baselines.base import Method, MethodError, check_int, uniform_schedule
 from dop.ops import VISION
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")

@@ -1,6 +1,6 @@
-"""LLaVA-NeXT vision-tower access for the pre-LLM reducers (``dop.baselines.reducer``).
+"""LLaVA-NeXT vision-tower access for the pre-LLM reducers (``dop.engine.baselines.reducer``).
 
-As on Qwen-VL (``dop.baselines.vision_access``), the prompt is **not** shortened: the method picks
+As on Qwen-VL (``dop.engine.baselines.vision_access``), the prompt is **not** shortened: the method picks
 ``k`` of each image's *packed* visual rows (the rows the LLM gets at its ``<image>`` placeholders)
 and an engine selector drops the other visual rows before decoder layer 0; kept rows keep their
 original positions.
@@ -20,7 +20,7 @@ What the official LLaVA-NeXT code of FasterVLM, VisPruner, CDPruner and VisionZi
 ``dvlab-research/VisionZip`` ``restore_image_features_sorted``): the tower runs on all crops as one
 batch and the method keeps ``T`` patches **per crop**, scored by **that crop's own [CLS]
 attention** (head mean; VisionZip: head sum; CDPruner: a DPP on the crop's projected patches with
-the text relevance, min-max normalised over the tower batch, see ``dop.baselines.cdpruner``), then the kept patches are laid out base crop first
+the text relevance, min-max normalised over the tower batch, see ``dop.engine.baselines.cdpruner``), then the kept patches are laid out base crop first
 and the other crops as one raster grid. Their packing is ``spatial`` **without** ``unpad`` (FasterVLM
 hard-codes ``'spatial'``; VisPruner/CDPruner do ``mm_patch_merge_type.replace('_unpad', '')``), so no
 ``image_newline`` row reaches the LLM and padded patches are candidates. ``visual_token_num`` is per
@@ -72,8 +72,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dop.baselines.base import MethodError
-from dop.baselines.vision_access import ImageTokens, QwenVisualReducer
+from dop.engine.baselines.base import MethodError
+from dop.engine.baselines.vision_access import ImageTokens, QwenVisualReducer
 
 NEXT_MODEL_TYPES = ("llava_next",)
 
@@ -177,7 +177,7 @@ class NextVisualReducer(QwenVisualReducer):
         self.packing: list[PackedRows] = []
 
     def __enter__(self) -> NextVisualReducer:
-        from dop.baselines.reducer import _tower_layers, feature_layer_index
+        from dop.engine.baselines.reducer import _tower_layers, feature_layer_index
 
         inner = self.model.model
         if "pack_image_features" in inner.__dict__:
@@ -243,7 +243,7 @@ class NextVisualReducer(QwenVisualReducer):
 
     def _reduce(self, image_features: list[torch.Tensor], image_sizes: Any, packed: list[torch.Tensor]
                 ) -> list[torch.Tensor]:
-        from dop.baselines.reducer import VisionContext, feature_layer_index
+        from dop.engine.baselines.reducer import VisionContext, feature_layer_index
 
         crops = [int(f.shape[0]) for f in image_features]
         patches = int(image_features[0].shape[1])

@@ -17,13 +17,13 @@ paper; the kept/merged vision tokens are then projected):
 Paper defaults on LLaVA-1.5: 162+30 / 108+20 / 54+10 for 192 / 128 / 64, i.e. ``dominant = round(k *
 54/64)``; ``dominant_ratio`` applies the same split to any ``k``.
 
-Qwen2-VL / Qwen2.5-VL (no [CLS] token; ``dop.baselines.vision_access``), per image on the
+Qwen2-VL / Qwen2.5-VL (no [CLS] token; ``dop.engine.baselines.vision_access``), per image on the
 merger-output tokens: ``dominant`` tokens (all patches) by the received attention of the last
 (full-attention) vision block; the contextual merge as above with that block's keys (pre-rotary, all
 heads, mean over each token's 2x2 patches) as the metric, merging merger outputs. Each contextual
 token takes its target's row (position); the other visual rows are dropped before decoder layer 0.
 
-LLaVA-NeXT (``dop.baselines.vision_access_next``): per crop as officially (dominant by that crop's
+LLaVA-NeXT (``dop.engine.baselines.vision_access_next``): per crop as officially (dominant by that crop's
 [CLS] attention at the feature layer, head mean: the same ranking as the head sum), the Qwen-style
 row variant above on the crop's packed patch rows with the feature layer's keys (heads concatenated;
 official: layer 22's head-mean keys, = the feature layer on CLIP-L) and merging projected rows; the
@@ -36,7 +36,7 @@ from typing import ClassVar
 
 import torch
 
-from dop.baselines.reducer import (
+from dop.engine.baselines.reducer import (
     ImageTokens,
     ReducerMethod,
     VisionContext,
@@ -108,7 +108,7 @@ class VisionZip(ReducerMethod):
     defaults: ClassVar[dict] = {"dominant_ratio": 54 / 64, "key_layer": 22, "key_layer_of": 24}
 
     def key_layer(self, model) -> int:
-        from dop.baselines.reducer import _tower_layers
+        from dop.engine.baselines.reducer import _tower_layers
 
         return scaled_layer(int(self.hparams["key_layer"]), int(self.hparams["key_layer_of"]), len(_tower_layers(model)))
 

@@ -13,14 +13,14 @@ tokens, 1 is the extra token, ``min(#IQR outliers, k-1)`` are the outliers with 
 official code uses a fixed stride grid whose size depends on the adaptive ratio). Kept tokens are
 in spatial order (official: outliers by score, then samples).
 
-Qwen2-VL / Qwen2.5-VL (no [CLS] token; ``dop.baselines.vision_access``), per image on the
+Qwen2-VL / Qwen2.5-VL (no [CLS] token; ``dop.engine.baselines.vision_access``), per image on the
 merger-output tokens: ``cls_attn`` is the received attention of the last (full-attention) vision
 block (mean over heads and query rows, summed over each token's 2x2 patches, a distribution over the
 image's tokens); keys are that block's (pre-rotary, all heads, mean over the token's patches). The
 extra token takes the row (position) of the highest-scoring non-kept token; the other visual rows are
 dropped before decoder layer 0.
 
-LLaVA-NeXT (``dop.baselines.vision_access_next``): per crop, the Qwen-style row variant above on the
+LLaVA-NeXT (``dop.engine.baselines.vision_access_next``): per crop, the Qwen-style row variant above on the
 crop's packed patch rows, with ``cls_attn`` = that crop's [CLS] attention at the feature layer (head
 mean; official PruMerge+: the last layer, one head over the full width) and the feature layer's keys;
 merging is on projected rows.
@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from dop.baselines.reducer import (
+from dop.engine.baselines.reducer import (
     ImageTokens,
     ReducerMethod,
     VisionContext,
