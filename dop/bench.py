@@ -1,9 +1,9 @@
 """Engine latency benchmark: prefill latency of dense vs pruned policies next to their FLOPs.
 
-On a CPU it runs a real-width decoder slice (by default LLaMA-7B width, a few layers, random
-weights and the LLaVA-1.5 prompt shape: ``conf/bench/default.yaml``); on a GPU the same slice. It prints,
+On a CPU it runs a real-width decoder slice (``dop stage=bench`` uses LLaMA-7B width, a few layers,
+random weights and the LLaVA-1.5 prompt shape: ``conf/bench/default.yaml``); on a GPU the same slice. It prints,
 per policy, the FLOPs reduction, the latency reduction and their ratio (1.0 = latency falls as
-fast as FLOPs). ``dop stage=bench`` and ``scripts/bench_engine.py`` call :func:`run_bench`.
+fast as FLOPs). ``dop stage=bench`` (``dop.stages.bench``) calls :func:`run_bench`.
 
 Baselines run beside the policies at one budget, each at the knob budget matching gives it
 (``dop.engine.baselines.budget``; hyper-parameters from ``conf/method/<name>.yaml``)::
@@ -14,18 +14,28 @@ Baselines run beside the policies at one budget, each at the knob budget matchin
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
+from dop.clip_tokenizer import clip_tokenizer
 from dop.engine import prune
+from dop.engine.baselines.budget import method_flops
+from dop.flops import count_flops, num_layers
+from dop.flops import text_config as flops_text_config
 from dop.ops import INSTRUCTION, SYSTEM, VISION
 from dop.policy import DepthPolicy, Policy
 
@@ -43,19 +53,6 @@ class BenchRow:
     knob: Any = None  # a baseline's matched knob (None for policies)
 
 
-SLICE_KEYS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
-              "n_system", "n_vision", "n_instruction")
-
-
-def slice_defaults() -> dict[str, int]:
-    """The slice shape of ``conf/bench/default.yaml`` (LLaMA-7B width, LLaVA-1.5 prompt shape):
-    model facts live in the config, not here."""
-    from omegaconf import OmegaConf
-
-    from dop.cli import CONF_DIR
-
-    bench = OmegaConf.load(Path(CONF_DIR) / "bench" / "default.yaml")
-    return {k: int(bench[k]) for k in SLICE_KEYS}
 
 
 def build_slice(
@@ -78,8 +75,6 @@ def build_slice(
     The vision tower is a one-layer CLIP sized so its patch count equals ``n_vision`` (a square);
     the vocabulary is small because only the last position's logits are computed.
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
     side = int(round(n_vision**0.5))
     if side * side != n_vision:
         raise ValueError(f"n_vision={n_vision} must be a square number of patches")
@@ -116,10 +111,6 @@ def bench_text_tower(model) -> tuple[Any, Any]:
     reads the slice's vision tower, and an offline CLIP tokenizer: text-guided methods (TRIM,
     CDPruner) then pay a real text-encoding cost on the slice. Their selections are arbitrary (random
     weights); only the latency means something."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from dop.clip_text import clip_tokenizer
-
     tok = clip_tokenizer(BENCH_QUESTION.split(), model_max_length=77)
     vision = model.config.vision_config
     text = dict(vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -172,13 +163,10 @@ def run_bench(
     """Time every policy and every baseline ``methods[name] = (Method, knob)`` (interleaved rounds,
     so drift hits all alike) and compare with FLOPs. A method that fails its warm-up is left out
     and its error goes to ``skipped`` (when given)."""
-    from dop.flops import count_flops
-
     if model is None:
-        model, inputs, groups = build_slice(**{**slice_defaults(), **slice_kwargs})
-    text_config = model.config.get_text_config(decoder=True)
-    num_layers = text_config.num_hidden_layers
-    policies = policies if policies is not None else default_policies(num_layers)
+        model, inputs, groups = build_slice(**slice_kwargs)
+    text_config = flops_text_config(model)
+    policies = policies if policies is not None else default_policies(num_layers(model))
 
     def call(policy):
         def go():
@@ -195,7 +183,7 @@ def run_bench(
 
         def go():  # the method's input reduction (text encoding included) is part of its prefill cost
             with torch.inference_mode():
-                prepared = method.prepare_inputs(model, {**inputs, **question}, knob)
+                prepared = method.reduce_inputs(model, {**inputs, **question}, knob)
                 with method.apply(model, knob):
                     model(**prepared, logits_to_keep=1)
         return go
@@ -228,8 +216,6 @@ def run_bench(
         l_red = 1 - latency / base if base else float("nan")
         rows.append(BenchRow(name, flops, f_red, latency, l_red, l_red / f_red if f_red > 0 else float("nan")))
     if methods:
-        from dop.engine.baselines.budget import method_flops
-
         for name, (method, knob) in methods.items():
             if name not in samples:
                 continue
@@ -253,73 +239,3 @@ def format_rows(rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg) -> list[BenchRow]:
-    """``dop stage=bench``: the engine benchmark with ``cfg.bench`` knobs; writes bench.json/md."""
-    from omegaconf import OmegaConf
-
-    bench = OmegaConf.to_container(cfg.get("bench", {}), resolve=True) or {}
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
-    device = bench.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, bench.pop("dtype", "float32"))
-    repeats = int(bench.pop("repeats", 3))
-    names = bench.pop("methods", None) or []
-    budget_spec = bench.pop("budget", None)
-    methods: dict[str, tuple[Any, Any]] = {}
-    skipped: dict[str, str] = {}
-    model = inputs = groups = None
-    budget = None
-    if names:
-        from dop.engine.baselines import MethodError, known_methods
-        from dop.engine.baselines.budget import match_budget
-        from dop.budget import parse_budgets
-
-        names = known_methods() if names in ("all", ["all"]) else [str(n) for n in names]
-        budget = parse_budgets(budget_spec if budget_spec is not None else cfg.get("budget"))[0]
-        model, inputs, groups = build_slice(device=device, dtype=dtype, **{**slice_defaults(), **bench})
-        for name in names:
-            try:
-                method = method_from_config(name)
-                if getattr(method, "needs_text", False) and method.hparams.get("text_tower") is None:
-                    from dop.engine.baselines import get_method
-
-                    clip, tok = bench_text_tower(model)  # the slice has no CLIP text tower of its own
-                    method = get_method(name, **{**method.hparams, "text_tower": clip, "text_tokenizer": tok})
-                method.check_model(model)
-                methods[name] = (method, match_budget(method, model.config, groups, budget).knob)
-            except (MethodError, ImportError) as err:  # unknown names raise here too, listing the known ones
-                if name not in known_methods():
-                    raise
-                log.warning("bench: %s skipped: %s", name, err)
-                skipped[name] = str(err)
-    if model is not None:
-        rows = run_bench(model, inputs, groups, repeats=repeats, methods=methods, skipped=skipped)
-    else:
-        rows = run_bench(repeats=repeats, device=device, dtype=dtype, **bench)
-    table = format_rows(rows)
-    at = f", baselines at {budget.kind}={budget.value:g}" if budget is not None else ""
-    print(f"engine benchmark ({device}, {torch.get_num_threads()} threads{at})\n{table}")
-    for name, why in skipped.items():
-        print(f"skipped {name}: {why}")
-    out = Path(cfg.paths.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps([asdict(r) for r in rows], indent=2, default=str))
-    notes = [f"baselines at {budget.kind}={budget.value:g} (knob by dop.engine.baselines.budget)"] if budget else []
-    notes += [f"skipped {name}: {why}" for name, why in skipped.items()]
-    (out / "bench.md").write_text(table + "\n" + "".join(f"\n{n}" for n in notes) + ("\n" if notes else ""))
-    return rows
-
-
-def method_from_config(name: str):
-    """A registered method with the hyper-parameters of ``conf/method/<name>.yaml`` (defaults if absent)."""
-    from omegaconf import OmegaConf
-
-    from dop.engine.baselines.budget import resolve_method
-    from dop.cli import CONF_DIR
-
-    path = Path(CONF_DIR) / "method" / f"{name}.yaml"
-    if path.is_file():
-        node = OmegaConf.load(path)
-        node.name = node.get("name", name)
-        return resolve_method(node)
-    return resolve_method(name)

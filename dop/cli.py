@@ -1,52 +1,36 @@
-"""The Hydra entry point ``dop``: composes conf/ and dispatches on ``stage``."""
+"""The Hydra entry point ``dop``: composes conf/ and dispatches on ``stage`` (``dop.stages.STAGES``)."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
-from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+import lightning.pytorch  # noqa: F401  (it sets its own log levels on import; ours come after)
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-# stage name -> "module:function(cfg)"; imported lazily so `dop --help` stays fast.
-STAGES: dict[str, str] = {
-    "pipeline": "dop.pipeline:run",
-    "train": "dop.train:run",
-    "sweep": "dop.sweep:run",
-    "merge": "dop.sweep:run_merge",
-    "search": "dop.search:run",
-    "evaluate": "dop.evaluation.stage:run",
-    "report": "dop.report:run",
-    "bench": "dop.bench:run",
-}
+from dop.stages import CONF_DIR, STAGES
 
 log = logging.getLogger("dop")
-
-
-def resolve_stage(name: str):
-    """The callable for a stage, or a one-line error listing the valid stages."""
-    if name not in STAGES:
-        raise SystemExit(f"dop: unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
-    module, func = STAGES[name].split(":")
-    return getattr(importlib.import_module(module), func)
-
 
 # Libraries whose INFO chatter (device banners, tips) drowns dop's own step lines; `hydra.verbose`
 # brings them back.
 _CHATTY = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "datasets")
 
 
+def resolve_stage(name: str):
+    """The callable for a stage, or a one-line error listing the valid stages."""
+    if name not in STAGES:
+        raise SystemExit(f"dop: unknown stage {name!r}; valid stages: {', '.join(STAGES)}")
+    return STAGES.get(name)
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _main(cfg: DictConfig):
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.get().verbose:
-        import lightning.pytorch  # noqa: F401  (it sets its own log levels on import)
-
         for name in _CHATTY:
             logging.getLogger(name).setLevel(logging.WARNING)
     return resolve_stage(str(cfg.stage))(cfg)
@@ -66,10 +50,6 @@ def check_launch(argv: list[str]) -> str | None:
     """
     if not any(a in ("-m", "--multirun") for a in argv) and "hydra.mode=MULTIRUN" not in argv:
         return None
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-") and "=" in a])
     except Exception:  # let Hydra itself report malformed overrides

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dop.models import prepare_inputs
+
 
 class DivergenceError(ValueError):
     """The calibration set or the dense reference cannot be used."""
@@ -56,8 +58,6 @@ def calibration_batches(
     dense ``model``'s greedy answer (up to that many tokens, up to EOS) is generated, appended
     (teacher forcing) and every position predicting one of its tokens is scored.
     """
-    from dop.models import prepare_inputs
-
     if len(samples) == 0:
         raise DivergenceError("the calibration set is empty: need at least one (image, question) sample")
     if response_tokens < 1:

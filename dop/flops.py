@@ -57,8 +57,10 @@ __all__ = [
     "format_kept_tokens",
     "kept_tokens_per_layer",
     "layer_rows",
+    "num_layers",
     "progressive_schedule",
     "register_cpu_sdpa_flops",
+    "text_config",
     "text_shape",
     "vision_flops",
     "vision_shape",
@@ -147,14 +149,34 @@ class TextShape:
         return self.num_kv_heads * self.head_dim
 
 
+def text_config(obj: Any) -> Any:
+    """The decoder's config of a model, a full MLLM config, a text config, or a dict (the one place
+    that knows how: ``LlavaConfig`` -> its ``LlamaConfig``; a ``LlamaConfig`` -> itself)."""
+    config = getattr(obj, "config", obj)  # a model -> its config
+    if hasattr(config, "get_text_config"):
+        return config.get_text_config(decoder=True)
+    if isinstance(config, Mapping) and isinstance(config.get("text_config"), Mapping):
+        return config["text_config"]
+    return config
+
+
+def num_layers(obj: Any) -> int:
+    """Decoder layers of a model or config (or an int, checked)."""
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        if obj <= 0:
+            raise FlopsError(f"num_layers must be a positive int, got {obj}")
+        return obj
+    return text_shape(obj).num_layers
+
+
+_layer_count = num_layers  # for functions whose num_layers argument shadows it
+
+
 def text_shape(config: Any) -> TextShape:
-    """Read a ``TextShape`` from a transformers text config, a full MLLM config, or a dict."""
+    """Read a ``TextShape`` from a model, a transformers text config, a full MLLM config, or a dict."""
     if isinstance(config, TextShape):
         return config
-    if hasattr(config, "get_text_config"):  # LlavaConfig -> its LlamaConfig; a LlamaConfig -> itself
-        config = config.get_text_config()
-    elif isinstance(config, Mapping) and isinstance(config.get("text_config"), Mapping):
-        config = config["text_config"]
+    config = text_config(config)
     d = _require(config, "hidden_size", "every projection")
     heads = _require(config, "num_attention_heads", "attention widths")
     kv_heads = _field(config, "num_key_value_heads", heads)  # absent on pre-GQA configs: MHA
@@ -265,14 +287,6 @@ def vision_flops(vision: VisionShape, num_images: int = 1, per_mac: int = 2) -> 
 # --------------------------------------------------------------------------------------------
 # Row counts
 # --------------------------------------------------------------------------------------------
-def _num_layers(x: int | Any) -> int:
-    if isinstance(x, int) and not isinstance(x, bool):
-        if x <= 0:
-            raise FlopsError(f"num_layers must be a positive int, got {x}")
-        return x
-    return text_shape(x).num_layers
-
-
 def _check_counts(groups: Mapping[str, Number], where: str = "groups") -> dict[str, Number]:
     if not isinstance(groups, Mapping):
         raise FlopsError(f"{where} must map group names to token counts, got {type(groups).__name__}")
@@ -346,7 +360,7 @@ def layer_rows(
     groups (the ``pdrop`` convention counts visual rows only). ``num_layers`` may be a config. A
     policy's ``n_v`` caps ``vision`` at ``n_v`` per image (``num_images``).
     """
-    n_layers = _num_layers(num_layers)
+    n_layers = _layer_count(num_layers)
     groups = front_end_groups(_check_counts(groups), policy, num_images)
     pol = _as_policy(policy, n_layers, groups)
     keep = set(groups) if count_groups is None else set(count_groups)
@@ -370,7 +384,7 @@ def progressive_schedule(
     PyramidDrop default: ``{8: {"vision": 288}, 16: {"vision": 144}, 24: {"vision": 72}}``;
     FastV K=2 keeping 192: ``{2: {"vision": 192}}``.
     """
-    n_layers = _num_layers(num_layers)
+    n_layers = _layer_count(num_layers)
     current = dict(_check_counts(groups))
     for layer in changes:
         if not 0 <= layer < n_layers:
@@ -402,7 +416,7 @@ def kept_tokens_per_layer(
     where all three go together, that is simply the tokens still present); ``type="kv"`` etc.
     counts the rows of one operation type.
     """
-    n_layers = _num_layers(num_layers)
+    n_layers = _layer_count(num_layers)
     groups = _check_counts(groups)
     vis = frozenset(vision_groups) if vision_groups is not None else _default_vision_groups(groups)
     pol = _as_policy(policy, n_layers, groups)
@@ -779,8 +793,8 @@ def register_cpu_sdpa_flops() -> bool:
     (``transformers-notes.md`` section 7). The formula is torch's own ``sdpa_flop_count``
     (QK^T + AV from the shapes, GQA broadcast included; masks are ignored, as for the CUDA kernels).
     """
-    import torch
-    import torch.utils.flop_counter as fc
+    import torch  # noqa: PLC0415 - dop.flops is torch-free (the search runs without torch) but for this hook
+    import torch.utils.flop_counter as fc  # noqa: PLC0415 - same
 
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if op in fc.flop_registry or op.default in fc.flop_registry:

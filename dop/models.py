@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 TINY_LLAVA = "tiny_llava"
 TINY_CLIP_TEXT = "tiny_clip_text"  # the CLIP text tower aligned with tiny_llava's vision tower (TRIM, CDPruner)
@@ -38,6 +39,13 @@ def resolve_dtype(dtype) -> torch.dtype | str | None:
     return _DTYPES[key]
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
 def resolve_path(name_or_path: str) -> str:
     """An embedded checkpoint name (``"tiny_llava"``, ``"tiny_clip_text"``) -> its directory in
     ``dop/assets``; anything else unchanged."""
@@ -54,8 +62,6 @@ def resolve_path(name_or_path: str) -> str:
 
 
 def load_processor(name_or_path: str):
-    from transformers import AutoProcessor
-
     return AutoProcessor.from_pretrained(resolve_path(name_or_path))
 
 
@@ -70,8 +76,6 @@ def load_model(
     ``dop/assets/tiny_llava`` with ``from_pretrained``, exactly like a hub checkpoint; any other
     string is a hub id or a local path, loaded with ``AutoModelForImageTextToText`` and
     ``AutoProcessor``. ``dtype=None`` keeps the checkpoint's own dtype. The model is in eval mode."""
-    from transformers import AutoModelForImageTextToText
-
     path = resolve_path(name_or_path)
     kwargs = {"attn_implementation": attn_implementation}
     dt = resolve_dtype(dtype)

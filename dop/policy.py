@@ -119,10 +119,6 @@ class Policy:
     def groups(self) -> frozenset[str]:
         return frozenset(op.group for op in self._ops)
 
-    @property
-    def max_layer(self) -> int:
-        return max((op.layer for op in self._ops), default=-1)
-
     def pruned_groups(self, layer: int, type: OpType | str) -> frozenset[str]:
         """Groups whose rows skip operation ``type`` at ``layer``."""
         return self._index.get((layer, as_op_type(type)), frozenset())

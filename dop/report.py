@@ -1,4 +1,4 @@
-"""Tables and plots from the results store (``dop stage=report``); reads nothing else.
+"""Tables and plots from results-store records (``dop stage=report`` reads the store and calls these).
 
     table = build_table(ResultsStore("outputs/results").records())
     write_markdown(table, "report.md"); write_csv(table, "report.csv")
@@ -17,12 +17,19 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dop.results import Record, ResultsStore
+import matplotlib
+import numpy as np
+
+from dop.results import Record
+
+matplotlib.use("Agg")  # no display on cluster nodes; before pyplot
+import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +69,14 @@ class Table:
 
 
 def _headline(benchmark: str, metrics: Mapping[str, str] | None) -> str | None:
-    if metrics and benchmark in metrics:
-        return metrics[benchmark]
-    try:
-        from dop.evaluation.benchmarks import headline_metrics
-
-        return headline_metrics().get(benchmark)
-    except Exception:  # the registry is a convenience; the store alone must be enough
-        return None
+    return metrics.get(benchmark) if metrics else None
 
 
 def build_table(records: Iterable[Record], metrics: Mapping[str, str] | None = None) -> Table:
     """One row per (model, method, budget); the newest record wins when a cell was rerun.
 
-    ``metrics`` maps benchmark -> metric to show; by default the benchmark's headline metric from
-    ``conf/benchmark/<name>.yaml``, or its only metric in the store.
+    ``metrics`` maps benchmark -> metric to show (the report stage passes each benchmark's headline
+    metric from ``conf/benchmark/<name>.yaml``); a benchmark not in it shows its only metric.
     """
     records = sorted(records, key=lambda r: r.timestamp)
     by_bench: dict[str, set[str]] = {}
@@ -186,11 +186,6 @@ def plot_accuracy_vs_tflops(records: Sequence[Record], path: str | Path, benchma
 
     Dense is drawn as a star on every method's line end, so each curve reads as "down from dense".
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-
     table = build_table(records, metrics)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     by_method: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -222,34 +217,31 @@ def plot_accuracy_vs_tflops(records: Sequence[Record], path: str | Path, benchma
     return path
 
 
-def _matches(value: Any, wanted: Any) -> bool:
-    if isinstance(wanted, (list, tuple)) or type(wanted).__name__ == "ListConfig":
-        return value in list(wanted)
-    return value == wanted
+def policy_matrix(policy: Any, num_layers: int, groups: Iterable[str],
+                  types: Sequence[str] = ("q", "kv", "mlp")) -> tuple[np.ndarray, list[str]]:
+    """A (num_layers, len(groups) * len(types)) 0/1 array: 1 where (layer, group, type) is pruned."""
+    groups = list(groups)
+    mat = np.zeros((num_layers, len(groups) * len(types)), dtype=np.float32)
+    for layer in range(num_layers):
+        for gi, g in enumerate(groups):
+            for ti, t in enumerate(types):
+                if policy is not None and policy.is_pruned(layer, g, t):
+                    mat[layer, gi * len(types) + ti] = 1.0
+    labels = [f"{g}/{t}" for g in groups for t in types]
+    return mat, labels
 
 
-def run(cfg: Any) -> dict[str, str]:
-    """``dop stage=report``: read ``cfg.paths.results_dir``, write report.md/.csv/.png into the run dir."""
-    store = ResultsStore(cfg.paths.results_dir)
-    records = list(store.latest().values())
-    filters = cfg.get("report_filter") if hasattr(cfg, "get") else None
-    if filters:  # e.g. report_filter={model: tiny_llava, benchmark: synthetic}
-        records = [r for r in records if all(_matches(getattr(r, k, None), v) for k, v in filters.items())]
-    out = Path(cfg.paths.run_dir)
-    if not records:
-        log.warning("report: no records in %s", store.root)
-    table = build_table(records)
-    paths = {
-        "markdown": str(write_markdown(table, out / "report.md")),
-        "csv": str(write_csv(table, out / "report.csv")),
-        "plot": str(plot_accuracy_vs_tflops(records, out / "accuracy_vs_tflops.png")),
-    }
-    print(to_markdown(table))
-    logger_cfg = cfg.get("logger") if hasattr(cfg, "get") else None
-    if logger_cfg is not None:
-        from dop.tracking import log_table, start_run
-
-        with start_run(cfg, job_type="report", run_dir=out) as run:
-            log_table(run, "report/table", table.header(), table_cells(table))
-            run.log_image("report/accuracy_vs_tflops", paths["plot"])
-    return paths
+def policy_heatmap(policy: Any, num_layers: int, groups: Iterable[str], path: str | os.PathLike) -> Path:
+    """Save a PNG of layers x (group, type), dark = pruned."""
+    mat, labels = policy_matrix(policy, num_layers, groups)
+    fig, ax = plt.subplots(figsize=(1 + 0.45 * len(labels), 1 + 0.25 * num_layers))
+    ax.imshow(mat, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_title("pruned operations", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -141,8 +142,6 @@ class ResultsStore:
 
 # --- provenance helpers ------------------------------------------------------------------------
 def library_versions() -> dict[str, str]:
-    from importlib import metadata
-
     out = {}
     for dist in ("dop", "transformers", "torch", "lmms_eval"):
         try:

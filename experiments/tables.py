@@ -73,7 +73,8 @@ def additive(root: Path, results: Path) -> str:
     from dop.flops import count_flops
     from dop.models import resolve_path
     from dop.policy import DepthPolicy
-    from dop.search import pair_ops, parse_pair, predict_kl, random_depth_policies
+    from dop.search import predict_kl, random_depth_policies
+    from dop.space import pair_ops, parse_pair
 
     corr_rows, pick_rows = [], []
     for run in run_dirs(root, "search.json"):
@@ -125,7 +126,7 @@ def additive(root: Path, results: Path) -> str:
 
 
 def predict_kl_from(search: dict, run: Path, depths: dict, predict_kl) -> float:
-    from dop.search import interpolate_curve, pair_key
+    from dop.space import interpolate_curve, pair_key
 
     curves = {}
     for pair in depths:
@@ -266,7 +267,7 @@ def build(name: str, root: Path, results: Path) -> str:
 def provenance(args: Any) -> str:
     import datetime
 
-    from dop.evaluation.stage import checkpoint_hash
+    from dop.evaluation.runner import checkpoint_hash
     from dop.results import git_sha
 
     title = args.title or f"{args.experiment} on the embedded default (tiny_llava)"

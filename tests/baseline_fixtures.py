@@ -3,7 +3,7 @@
 - ``StandInFastV`` (in-LLM): at layer ``K`` keep the ``keep`` visual rows the last row attends to most
   at layer ``K - 1`` (FastV's rule on the engine's selectors; knob = kept tokens).
 - ``StandInFirstK`` (pre-LLM): keep the first ``keep`` visual tokens before the decoder
-  (``prepare_inputs`` drops the other image-token ids, ``apply`` trims the projector's output).
+  (``reduce_inputs`` drops the other image-token ids, ``apply`` trims the projector's output).
 - ``NeedsTextTower``: ``check_model`` raises like a method that needs a CLIP text tower.
 """
 
@@ -59,7 +59,7 @@ class StandInFirstK(Method):
     def schedule(self, groups, num_layers, knob):
         return uniform_schedule(groups, num_layers, {0: {"vision": int(knob)}})
 
-    def prepare_inputs(self, model, inputs: Mapping[str, Any], knob):
+    def reduce_inputs(self, model, inputs: Mapping[str, Any], knob):
         image_id = model.config.image_token_id
         ids = inputs["input_ids"]
         is_img = ids == image_id
@@ -101,15 +101,15 @@ STANDINS = {"standin_fastv": "StandInFastV", "standin_firstk": "StandInFirstK",
 @contextmanager
 def standins_registered() -> Iterator[None]:
     """The stand-ins in dop's method registry for the block (removed after, so other tests see the real list)."""
-    import dop.engine.baselines as registry
+    from dop.engine.baselines import METHODS
 
     for name, cls in STANDINS.items():
-        registry.register(name, f"{__name__}:{cls}")
+        METHODS.register(name, f"{__name__}:{cls}")
     try:
         yield
     finally:
         for name in STANDINS:
-            registry._METHODS.pop(name, None)
+            METHODS.unregister(name)
 
 
 def check_golden(path, got: dict) -> None:

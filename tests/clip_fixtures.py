@@ -6,7 +6,7 @@ patch 8), so ``visual_projection.in_features`` equals the LLaVA tower width, and
 ``CLIPTokenizer`` (byte-level BPE, ``tokenizers`` backend) next to it; ``text_tower=<path>`` then
 runs the real loading path (``CLIPModel.from_pretrained`` + ``AutoTokenizer.from_pretrained``).
 
-The vocabulary (``dop.clip_text.clip_vocab``, also the builder of the shipped
+The vocabulary (``dop.clip_tokenizer.clip_vocab``, also the builder of the shipped
 ``dop/assets/tiny_clip_text`` tokenizer) is laid out like OpenAI CLIP's: the 256 byte symbols, the
 same with ``</w>``, merges that build the words of the synthetic benchmark, then
 ``<|startoftext|>`` and ``<|endoftext|>`` last (so ``<|endoftext|>`` has the largest id, and the
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from dop.clip_text import BOS, EOS  # noqa: F401  (re-exported for tests)
-from dop.clip_text import clip_tokenizer as _clip_tokenizer
-from dop.clip_text import clip_vocab as _clip_vocab
+from dop.clip_tokenizer import BOS, EOS  # noqa: F401  (re-exported for tests)
+from dop.clip_tokenizer import clip_tokenizer as _clip_tokenizer
+from dop.clip_tokenizer import clip_vocab as _clip_vocab
 
 WORDS = ["what", "is", "the", "colour", "shape", "of", "object", "objects", "at", "top_left", "top_right",
          "bottom_left", "bottom_right", "how", "many", "are", "there", "red", "blue", "green", "yellow",
@@ -39,7 +39,7 @@ NEXT_TOWER = dict(vision_hidden=32, image_size=56, patch_size=14)
 
 def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab, merges) of a small CLIP byte-level BPE in which every word of ``WORDS`` is one token
-    (per piece: ``top_left`` is ``top``, ``_``, ``left``), built by ``dop.clip_text.clip_vocab``."""
+    (per piece: ``top_left`` is ``top``, ``_``, ``left``), built by ``dop.clip_tokenizer.clip_vocab``."""
     return _clip_vocab(WORDS)
 
 

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 pytest.importorskip("lmms_eval")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,12 +17,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from baseline_fixtures import StandInFastV, StandInFirstK, standins_registered  # noqa: E402
 from evaluation_fixtures import save_synthetic, save_tiny_llava, synthetic_dataset, tiny_llava  # noqa: E402
+from stage_configs import compose_cfg, with_nodes  # noqa: E402
 
 from dop.engine.baselines import MethodError  # noqa: E402
-from dop.evaluation import scoring, stage  # noqa: E402
+from dop.evaluation import scoring  # noqa: E402
 from dop.evaluation.plugin import DopLMM  # noqa: E402
 from dop.evaluation.tasks import TASK_NAME, write_task_dir  # noqa: E402
 from dop.results import ResultsStore  # noqa: E402
+from dop.stages import evaluate as stage  # noqa: E402
+from dop.stages import report as report_stage  # noqa: E402
+from dop.stages.config import EvaluateStage, ReportStage, load  # noqa: E402
+from dop.stages.schema import ConfigError  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,16 +42,15 @@ def env(tmp_path_factory):
     return root, save_tiny_llava(root / "model"), save_synthetic(root / "data", n=4)
 
 
-def _cfg(root, model_dir, data, method, budget, run="run", results="results"):
-    return OmegaConf.create({
-        "stage": "evaluate", "seed": 0, "device": "cpu", "num_threads": None, "policy": None,
-        "model": {"name": "tiny_test", "pretrained": str(model_dir), "dtype": None, "attn_implementation": "sdpa"},
-        "method": method, "budget": budget,
-        "benchmark": {"name": "synthetic", "tasks": ["dop_synthetic"], "metric": "exact_match",
-                      "metrics": ["exact_match"], "limit": 2, "batch_size": 2, "dataset_path": str(data)},
-        "paths": {"results_dir": str(root / results), "run_dir": str(root / run)},
-        "logger": {"name": "none", "mode": "disabled", "project": "dop", "entity": None},
-    })
+def _cfg(root, model_dir, data, method, budget, run="run", results="results", policy=None):
+    cfg = compose_cfg(root / run, "stage=evaluate", "device=cpu", "model.name=tiny_test",
+                      f"model.pretrained={model_dir}", "model.dtype=null", "benchmark=synthetic",
+                      "benchmark.limit=2", "benchmark.batch_size=2", f"benchmark.dataset_path={data}",
+                      f"paths.results_dir={root / results}", f"policy={policy}" if policy else "policy=null",
+                      output_dir=root / "out")
+    if method == {"name": "dop"}:  # the shipped conf/method/dop.yaml (dense or policies)
+        return with_nodes(cfg, budget=budget)
+    return with_nodes(cfg, method=method, budget=budget)
 
 
 def test_stage_records_each_budget_at_or_below_it(env):
@@ -81,10 +84,7 @@ def test_stage_pre_llm_method_at_token_budgets_then_report(env):
     for r in recs:
         assert r.equivalent_tokens == pytest.approx(r.budget_value)
 
-    from dop.report import run as report
-
-    paths = report(OmegaConf.create({"paths": {"results_dir": str(root / "results_pre"),
-                                               "run_dir": str(root / "report")}}))
+    paths = report_stage.execute(load(ReportStage, compose_cfg(root / "report", f"paths.results_dir={root / 'results_pre'}")))
     md = Path(paths["markdown"]).read_text()
     assert "standin_firstk" in md and "tokens=8" in md and "tokens=4" in md and "dense" in md
     assert "Knob" in md and "TFLOPs" in md
@@ -103,15 +103,14 @@ def test_check_model_runs_before_any_evaluation(env, monkeypatch):
 def test_unknown_method_and_unreachable_budget_fail_first(env, monkeypatch):
     root, model_dir, data = env
     monkeypatch.setattr(stage, "evaluate_benchmark", lambda *a, **k: pytest.fail("evaluated a bad config"))
-    with pytest.raises(MethodError, match=r"known methods: .*standin_fastv"):
+    with pytest.raises(ConfigError, match=r"valid methods: .*standin_fastv"):
         stage.run(_cfg(root, model_dir, data, {"name": "fastvv"}, {"kind": "tokens", "values": [8]}))
     with pytest.raises(MethodError, match=r"nearest reachable budget is budget=tokens budget.values=\[\d+\]"):
         stage.run(_cfg(root, model_dir, data, {"name": "standin_fastv", "layer": 1},
                        {"kind": "tokens", "values": [1]}, results="results_bad"))
     with pytest.raises(ValueError, match="not a policy"):
-        cfg = _cfg(root, model_dir, data, {"name": "standin_fastv"}, {"kind": "tokens", "values": [8]})
-        cfg.policy = "some.yaml"
-        stage.run(cfg)
+        stage.run(_cfg(root, model_dir, data, {"name": "standin_fastv"}, {"kind": "tokens", "values": [8]},
+                       policy="some.yaml"))
     assert not (root / "results_bad").exists() or not list((root / "results_bad").glob("*.json"))
 
 
@@ -154,7 +153,7 @@ def test_plugin_model_args_select_a_baseline(env):
     assert lm.method == "standin_firstk" and lm.knob == 4 and isinstance(lm.baseline, StandInFirstK)
     lm = DopLMM.create_from_arg_string(f"pretrained={model_dir},method=standin_firstk,budget=tokens:8")
     assert lm.knob == 8 and lm.match.tflops > 0
-    with pytest.raises(ValueError, match="known methods: dense, policy, .*standin_fastv"):
+    with pytest.raises(ValueError, match="valid methods: dense, policy, .*standin_fastv"):
         DopLMM.create_from_arg_string(f"pretrained={model_dir},method=nope")
     with pytest.raises(ValueError, match="exactly one of knob"):
         DopLMM.create_from_arg_string(f"pretrained={model_dir},method=standin_firstk")
@@ -181,34 +180,34 @@ def test_bench_times_methods_next_to_their_flops():
     assert "standin_firstk (knob 4)" in format_rows(rows)
 
 
+def _bench_cfg(run_dir, *overrides):
+    shape = [f"bench.{k}={v}" for k, v in SMALL_SLICE.items()]
+    return compose_cfg(run_dir, "stage=bench", "device=cpu", "bench.repeats=1", "bench.budget=tokens:8",
+                       "budget=ratio", "budget.values=[0.5]", *shape, *overrides)
+
+
 def test_bench_stage_matches_each_method_to_one_budget(tmp_path, capsys):
     import json
 
-    from dop.bench import run
+    from dop.stages.bench import run
 
-    cfg = OmegaConf.create({"bench": {**SMALL_SLICE, "repeats": 1, "dtype": "float32", "device": "cpu",
-                                      "methods": ["standin_fastv", "standin_firstk"], "budget": "tokens:8"},
-                            "budget": {"kind": "ratio", "values": [0.5]}, "paths": {"run_dir": str(tmp_path)}})
+    cfg = _bench_cfg(tmp_path, "bench.methods=[standin_fastv,standin_firstk]")
     rows = run(cfg)
     by = {r.policy: r for r in rows}
     assert by["standin_firstk"].knob == 8 and "stock" in by and "vision_from_0" in by
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert {r["policy"] for r in saved} == set(by)
     assert "baselines at tokens=8" in (tmp_path / "bench.md").read_text()
-    cfg.bench.methods = ["nope"]
-    with pytest.raises(MethodError, match="known methods"):
-        run(cfg)
+    with pytest.raises(MethodError, match="valid methods"):
+        run(_bench_cfg(tmp_path, "bench.methods=[nope]"))
 
 
 def test_bench_stage_times_text_guided_methods_with_a_clip_shaped_text_tower(tmp_path):
     """TRIM and CDPruner on the slice: a random CLIP-L-shaped text tower encodes the question, so they
     are timed (not skipped) and keep k visual tokens like the other reducers."""
-    from dop.bench import run
+    from dop.stages.bench import run
 
-    cfg = OmegaConf.create({"bench": {**SMALL_SLICE, "repeats": 1, "dtype": "float32", "device": "cpu",
-                                      "methods": ["trim", "cdpruner", "fastervlm"], "budget": "tokens:8"},
-                            "budget": {"kind": "ratio", "values": [0.5]}, "paths": {"run_dir": str(tmp_path)}})
-    by = {r.policy: r for r in run(cfg)}
+    by = {r.policy: r for r in run(_bench_cfg(tmp_path, "bench.methods=[trim,cdpruner,fastervlm]"))}
     assert {"trim", "cdpruner", "fastervlm"} <= set(by)
     assert by["trim"].knob == by["cdpruner"].knob == by["fastervlm"].knob == 8
     assert by["trim"].flops_reduction == pytest.approx(by["fastervlm"].flops_reduction)
@@ -216,7 +215,7 @@ def test_bench_stage_times_text_guided_methods_with_a_clip_shaped_text_tower(tmp
 
 
 def _method_configs() -> list[str]:
-    from dop.cli import CONF_DIR
+    from dop.stages import CONF_DIR
 
     return sorted(p.stem for p in Path(CONF_DIR, "method").glob("*.yaml") if p.stem != "dop")
 
@@ -225,16 +224,14 @@ def _method_configs() -> list[str]:
 def test_method_config_composes_for_evaluate_and_builds(name, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from dop.cli import CONF_DIR
+    from dop.stages import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["stage=evaluate", f"method={name}", "budget=tokens",
                                            "budget.values=[64]", f"paths.run_dir={tmp_path}"])
     assert cfg.budget.kind == "tokens" and list(cfg.budget["values"]) == [64]
-    try:
-        method = stage.baseline_of(cfg.method)  # the yaml's keys are the method's hyper-parameters
-    except ImportError as err:
-        pytest.skip(f"{name} does not import yet: {err}")
+    conf = load(EvaluateStage, cfg)
+    method = stage.baseline_of(conf)  # the yaml's keys are the method's hyper-parameters
     assert method is not None and method.name == cfg.method.name
 
 
@@ -243,8 +240,8 @@ def test_cli_evaluate_fastv_at_a_token_budget(env, tmp_path):
     """`dop stage=evaluate method=fastv budget=tokens budget.values=[64]` composes and runs."""
     from hydra import compose, initialize_config_dir
 
-    from dop.cli import CONF_DIR
     from dop.models import resolve_path
+    from dop.stages import CONF_DIR
 
     root, model_dir, data = env
     try:

@@ -14,11 +14,11 @@ from tiny_models import BUILDERS
 from transformers import LlamaConfig
 
 from dop.adapters import get_adapter
+from dop.divergence import CalibrationBatch
 from dop.engine.baselines import MethodError, get_method
 from dop.engine.baselines.dart import dart_select
 from dop.engine.baselines.sparsevlm import rater_scores, text_raters
 from dop.engine.baselines.vtw import shallowest_below
-from dop.divergence import CalibrationBatch
 from dop.flops import count_flops, flops_for_tokens, kept_tokens_per_layer
 
 GOLDEN = Path(__file__).parent / "golden"

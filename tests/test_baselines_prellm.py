@@ -190,7 +190,7 @@ def test_logits_equal_hand_shortened_prompt(llava, clip_tower, name):
     m.reduce = lambda ctx, kk: seen.append(orig(ctx, kk)) or seen[-1]  # record what reached the LLM
     inp = batch_inputs(make, 1, 2, name)
     with torch.no_grad(), m.apply(model, k):
-        out = model(**m.prepare_inputs(model, inp, k)).logits
+        out = model(**m.reduce_inputs(model, inp, k)).logits
     with torch.no_grad():
         ref = _manual_logits(model, inp, k, seen[0])
     assert seen[0].shape == (1, k, model.config.text_config.hidden_size)
@@ -214,7 +214,7 @@ def test_fastervlm_matches_eager_attention_and_stock_projection(llava):
         ref = _manual_logits(model, inp, k, feats[idx[0]].unsqueeze(0))
         m = get_method("fastervlm")
         with m.apply(model, k):
-            out = model(**m.prepare_inputs(model, inp, k)).logits
+            out = model(**m.reduce_inputs(model, inp, k)).logits
     assert m.last_selection.tolist() == idx.tolist()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -227,7 +227,7 @@ def test_batch_with_left_padding_equals_per_sample(llava, clip_tower, name):
     inp = batch_inputs(make, 3, 1, name)
     assert (inp["attention_mask"][:, 0] == 0).any()  # left padded
     with torch.no_grad(), m.apply(model, k):
-        x = m.prepare_inputs(model, inp, k)
+        x = m.reduce_inputs(model, inp, k)
         batched = model(**x).logits
         sel = m.last_selection.clone()
         for b in range(3):
@@ -238,7 +238,7 @@ def test_batch_with_left_padding_equals_per_sample(llava, clip_tower, name):
                    "pixel_values": one["pixel_values"]}
             if name in TEXT_GUIDED:
                 one["instruction"] = [INSTR[b]]
-            single = model(**m.prepare_inputs(model, one, k)).logits
+            single = model(**m.reduce_inputs(model, one, k)).logits
             assert m.last_selection[0].tolist() == sel[b].tolist()
             n = single.shape[1]
             torch.testing.assert_close(batched[b, -n:], single[0], rtol=1e-4, atol=1e-4)
@@ -251,17 +251,17 @@ def test_generate(llava, clip_tower, name):
     m = method(name, clip_tower)
     inp = batch_inputs(make, 2, 3, name)
     with torch.no_grad(), m.apply(model, 3):
-        x = m.prepare_inputs(model, inp, 3)
+        x = m.reduce_inputs(model, inp, 3)
         last = model(**x).logits[:, -1].argmax(-1)
         gen = model.generate(**x, max_new_tokens=3, do_sample=False)
     assert gen.shape == (2, x["input_ids"].shape[1] + 3)
     assert gen[:, x["input_ids"].shape[1]].tolist() == last.tolist()
 
 
-def test_forgot_prepare_inputs_is_a_clear_error(llava):
+def test_forgot_reduce_inputs_is_a_clear_error(llava):
     model, make = llava
     m = get_method("fastervlm")
-    with m.apply(model, 4), pytest.raises(MethodError, match="prepare_inputs"):
+    with m.apply(model, 4), pytest.raises(MethodError, match="reduce_inputs"):
         model(**make(batch=1, seed=0))
     assert not model.model._forward_pre_hooks
 
@@ -273,9 +273,9 @@ def test_keep_all_and_keep_none(llava):
         dense = model(**inp).logits
         m = get_method("divprune")
         with m.apply(model, 16):
-            assert torch.equal(model(**m.prepare_inputs(model, inp, 99)).logits, dense)
+            assert torch.equal(model(**m.reduce_inputs(model, inp, 99)).logits, dense)
         with m.apply(model, 0):
-            x = m.prepare_inputs(model, inp, 0)
+            x = m.reduce_inputs(model, inp, 0)
             assert model(**x).logits.shape[1] == inp["input_ids"].shape[1] - 16
 
 
@@ -294,7 +294,7 @@ def test_text_guided_without_text_tower_fails_before_running(llava, name):
         with pytest.raises(MethodError, match="text tower"), m.apply(model, 4):
             model(**make(batch=1, seed=0))
         with pytest.raises(MethodError, match="text tower"):
-            m.prepare_inputs(model, make(batch=1, seed=0), 4)
+            m.reduce_inputs(model, make(batch=1, seed=0), 4)
     finally:
         h.remove()
     assert not calls
@@ -303,7 +303,7 @@ def test_text_guided_without_text_tower_fails_before_running(llava, name):
 def test_text_guided_needs_instruction(llava, clip_tower):
     model, make = llava
     with pytest.raises(MethodError, match="instruction"):
-        method("trim", clip_tower).prepare_inputs(model, make(batch=1, seed=0), 4)
+        method("trim", clip_tower).reduce_inputs(model, make(batch=1, seed=0), 4)
 
 
 @pytest.mark.parametrize("kind", ["qwen3_vl", "internvl"])
@@ -346,7 +346,7 @@ def test_golden_kept_indices(llava, clip_tower, name):
         m = method(name, clip_tower)
         inp = batch_inputs(make, 3, 5, name)
         with torch.no_grad(), m.apply(model, k):
-            logits = model(**m.prepare_inputs(model, inp, k)).logits
+            logits = model(**m.reduce_inputs(model, inp, k)).logits
         got[str(k)] = {"kept": m.last_selection.tolist(), "last_logit_sum": round(float(logits[:, -1].sum()), 3)}
     path = GOLDEN / f"{name}_llava.json"
     if os.environ.get("DOP_REGEN_GOLDEN") == "1" or not path.exists():

@@ -24,12 +24,12 @@ from baseline_fixtures import check_golden
 from tiny_models import BUILDERS
 
 from dop.adapters import get_adapter
+from dop.budget import Budget
+from dop.engine import prune
 from dop.engine.baselines import MethodError, get_method
 from dop.engine.baselines.budget import match_budget
 from dop.engine.baselines.reducer import _tower_layers, feature_layer_index
 from dop.engine.baselines.vision_access_next import crop_quotas, packing_map
-from dop.budget import Budget
-from dop.engine import prune
 from dop.flops import flops_for_tokens
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -84,7 +84,7 @@ def test_forward_and_generate_keep_k_rows_per_image(built, next_model, name):
     inp = make_inputs(built, 2, 1)
     m = get_method(name)
     with torch.no_grad(), m.apply(model, k):
-        x = m.prepare_inputs(model, inp, k)
+        x = m.reduce_inputs(model, inp, k)
         assert x["input_ids"] is inp["input_ids"]  # the prompt is not shortened
         last = model(**x).logits[:, -1].argmax(-1)
         assert visual_rows_at_layer0(m, model, x) == [k, k]
@@ -111,7 +111,7 @@ def test_k_is_split_evenly_over_the_crops(built, next_model, name):
     for k in (8, 13):
         m = get_method(name)
         with torch.no_grad(), m.apply(model, k):
-            model(**m.prepare_inputs(model, inp, k))
+            model(**m.reduce_inputs(model, inp, k))
         for sel, mp in zip(m.last_selection, maps, strict=True):
             crops = mp.crop[sel]
             assert bool((crops >= 0).all())
@@ -134,10 +134,10 @@ def test_batch_with_left_padding_and_different_crops_equals_alone(built, next_mo
     assert (inp["attention_mask"][:, 0] == 0).any()  # left padded
     m = get_method(name)
     with torch.no_grad(), m.apply(model, k):
-        batched = model(**m.prepare_inputs(model, inp, k)).logits
+        batched = model(**m.reduce_inputs(model, inp, k)).logits
         sel = [s.tolist() for s in m.last_selection]
         for b in range(3):
-            single = model(**m.prepare_inputs(model, one(inp, b), k)).logits
+            single = model(**m.reduce_inputs(model, one(inp, b), k)).logits
             assert [s.tolist() for s in m.last_selection] == [sel[b]]
             n = single.shape[1]
             torch.testing.assert_close(batched[b, -n:], single[0], rtol=1e-4, atol=1e-4)
@@ -152,7 +152,7 @@ def test_keep_all_is_the_stock_model(built, next_model):
             m = get_method(name)
             for k in (88, 999):
                 with m.apply(model, k):
-                    assert torch.equal(model(**m.prepare_inputs(model, inp, k)).logits, dense)
+                    assert torch.equal(model(**m.reduce_inputs(model, inp, k)).logits, dense)
                     assert [len(s) for s in m.last_selection] == [44, 88]
 
 
@@ -165,7 +165,7 @@ def test_k_is_per_image_and_capped_by_its_rows(built, next_model, k):
     for name in SUPPORTED:
         m = get_method(name)
         with torch.no_grad(), m.apply(model, k):
-            model(**m.prepare_inputs(model, inp, k))
+            model(**m.reduce_inputs(model, inp, k))
             assert visual_rows_at_layer0(m, model, inp) == [min(k, 44), min(k, 88)]
         for sel, mp, patches in zip(m.last_selection, maps, (40, 80), strict=True):
             assert int(mp.is_patch[sel].sum()) == min(k, patches)
@@ -212,7 +212,7 @@ def test_fastervlm_matches_an_independent_reference(built, next_model):
     inp = one(make_inputs(built, 3, 4), 2)  # (90, 56): unpadded rows
     m = get_method("fastervlm")
     with torch.no_grad(), m.apply(model, k):
-        out = model(**m.prepare_inputs(model, inp, k)).logits
+        out = model(**m.reduce_inputs(model, inp, k)).logits
     cfg = model.config
     packing = hand_packing(inp["image_sizes"][0].tolist(), 56, cfg.image_grid_pinpoints, 4)
     assert len(packing) == int((inp["input_ids"] == cfg.image_token_id).sum()) == 46
@@ -260,7 +260,7 @@ def test_match_budget_on_llava_next(built, next_model, name):
     match = match_budget(m, model.config, groups, Budget("tokens", 6))
     assert match.knob == 6 and match.flops == flops_for_tokens(model.config, groups, 6)
     with torch.no_grad(), m.apply(model, match.knob):
-        model(**m.prepare_inputs(model, inp, match.knob))
+        model(**m.reduce_inputs(model, inp, match.knob))
         kept = m.pruner.kept_rows[0]["q"][0]
         vision_kept = visual_rows_at_layer0(m, model, inp)[0]
     schedule = m.schedule(groups, 4, match.knob)
@@ -277,9 +277,9 @@ def test_visual_selector_runs_under_the_callers_engine(built, next_model):
     m = get_method("vispruner")
     with torch.no_grad():
         with m.apply(model, k):
-            theirs = model(**m.prepare_inputs(model, inp, k)).logits
+            theirs = model(**m.reduce_inputs(model, inp, k)).logits
         with m.visual_selector(model, k) as selector, prune(model, selectors=[selector]) as pruner:
-            ours = model(**m.prepare_inputs(model, inp, k)).logits
+            ours = model(**m.reduce_inputs(model, inp, k)).logits
             assert (pruner.kept_masks[0]["q"] & (inp["input_ids"] == 4)).sum(1).tolist() == [k, k]
     assert torch.equal(ours, theirs)
 
@@ -287,7 +287,7 @@ def test_visual_selector_runs_under_the_callers_engine(built, next_model):
 def test_front_end_policy_on_llava_next(built, next_model):
     """DOP's n_v front end (``dop.engine.front_end``) on LLaVA-NeXT: the n_v policy equals the VisPruner
     baseline, and a policy's operations act on the n_v kept rows (one engine, not two)."""
-    from dop.engine.front_end import prepare_inputs
+    from dop.engine.front_end import reduce_inputs
     from dop.policy import DepthPolicy, Policy
 
     model = next_model
@@ -296,13 +296,13 @@ def test_front_end_policy_on_llava_next(built, next_model):
     base = get_method("vispruner")
     with torch.no_grad():
         with base.apply(model, k):
-            theirs = model(**base.prepare_inputs(model, inp, k)).logits
+            theirs = model(**base.reduce_inputs(model, inp, k)).logits
         with prune(model, Policy(n_v=k)) as pruner:
-            ours = model(**prepare_inputs(model, inp, Policy(n_v=k))).logits
+            ours = model(**reduce_inputs(model, inp, Policy(n_v=k))).logits
             assert (pruner.kept_masks[0]["q"] & (inp["input_ids"] == 4)).sum(1).tolist() == [k, k]
         policy = DepthPolicy({"kv/vision": 2}, n_v=k).expand(len(get_adapter(model).decoder_layers()))
         with prune(model, policy) as pruner:
-            model(**prepare_inputs(model, inp, policy))
+            model(**reduce_inputs(model, inp, policy))
             vision = inp["input_ids"] == 4
             assert (pruner.kept_masks[1]["kv"] & vision).sum(1).tolist() == [k, k]
             assert (pruner.kept_masks[2]["kv"] & vision).sum(1).tolist() == [0, 0]
@@ -335,7 +335,7 @@ def test_golden_kept_rows_llava_next(built, next_model, name):
         m = get_method(name)
         inp = make_inputs(built, 3, 7)
         with torch.no_grad(), m.apply(model, k):
-            logits = model(**m.prepare_inputs(model, inp, k)).logits
+            logits = model(**m.reduce_inputs(model, inp, k)).logits
         got[str(k)] = {"kept": [s.tolist() for s in m.last_selection],
                        "last_logit_sum": round(float(logits[:, -1].sum()), 3)}
     check_golden(GOLDEN / f"{name}_llava_next.json", got)

@@ -5,7 +5,7 @@ width 32, 56-pixel crops, patch 14) is saved with ``save_pretrained`` and given 
 The prompt keeps every placeholder; each image's ``k`` packed rows are picked per crop against its
 sample's instruction and the other visual rows are dropped before layer 0. Checked here: exactly
 ``k`` visual rows per image at layer 0 in forward and in ``generate`` (without a forward first: the
-image -> sample map is made in ``prepare_inputs``); the kept set depends on the instruction; a left
+image -> sample map is made in ``reduce_inputs``); the kept set depends on the instruction; a left
 padded batch of images of different sizes equals per-sample runs; ``k`` >= rows is the stock model;
 independent slow references for both methods (tower hidden states, CLIP modules, a hand-written
 packing map, brute-force DPP log-determinants, hand-built ``inputs_embeds``); goldens (regenerate
@@ -73,7 +73,7 @@ def rows_at_layer0(m, model, x):
 def run(model, clip_dir, name, inp, k):
     m = get_method(name, text_tower=str(clip_dir))
     with torch.no_grad(), m.apply(model, k):
-        x = m.prepare_inputs(model, inp, k)
+        x = m.reduce_inputs(model, inp, k)
         logits = model(**x).logits
         rows = rows_at_layer0(m, model, x)
     return m, logits, rows
@@ -88,7 +88,7 @@ def test_forward_and_generate_keep_k_rows_per_image(built, model, clip_dir, name
     inp = make_inputs(built, 2, 1, [Q0, Q1])  # 44 and 88 rows
     m = get_method(name, text_tower=str(clip_dir))
     with torch.no_grad(), m.apply(model, k):
-        x = m.prepare_inputs(model, inp, k)
+        x = m.reduce_inputs(model, inp, k)
         assert x["input_ids"] is inp["input_ids"]  # the prompt is not shortened
         assert m._image_samples.tolist() == [0, 1]
         gen = model.generate(**x, max_new_tokens=3, min_new_tokens=3, do_sample=False)  # no forward first
@@ -273,12 +273,12 @@ def test_refusals_on_llava_next(built, model, clip_dir, name):
     m = get_method(name, text_tower=str(clip_dir))
     inp = make_inputs(built, 2, 1, [Q0, Q1])
     with pytest.raises(MethodError, match="inputs\\['instruction'\\]"):
-        m.prepare_inputs(model, {k: v for k, v in inp.items() if k != "instruction"}, 5)
+        m.reduce_inputs(model, {k: v for k, v in inp.items() if k != "instruction"}, 5)
     with pytest.raises(MethodError, match="1 instruction"):
-        m.prepare_inputs(model, {**inp, "instruction": [Q0]}, 5)
+        m.reduce_inputs(model, {**inp, "instruction": [Q0]}, 5)
     stock = {k: v for k, v in inp.items() if k != "instruction"}
     with torch.no_grad(), m.apply(model, 5), pytest.raises(MethodError, match="no instruction encoded"):
-        model(**stock)  # prepare_inputs never ran
+        model(**stock)  # reduce_inputs never ran
 
 
 # --------------------------------------------------------------------------------------------

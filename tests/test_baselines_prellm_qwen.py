@@ -23,6 +23,7 @@ from PIL import Image
 from tiny_models import BUILDERS, _texts, tokenizer
 
 from dop.adapters import get_adapter
+from dop.budget import Budget
 from dop.engine.baselines import MethodError, get_method
 from dop.engine.baselines.budget import match_budget
 from dop.engine.baselines.vision_access import (
@@ -31,7 +32,6 @@ from dop.engine.baselines.vision_access import (
     received_attention,
     score_block_index,
 )
-from dop.budget import Budget
 from dop.flops import flops_for_tokens
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -101,7 +101,7 @@ def test_forward_and_generate_keep_k_rows_per_image(qwen, name):
     assert merged_tokens_per_image(model, inp["image_grid_thw"]) == [16, 24]
     m = get_method(name)
     with torch.no_grad(), m.apply(model, k):
-        x = m.prepare_inputs(model, inp, k)
+        x = m.reduce_inputs(model, inp, k)
         assert x["input_ids"] is inp["input_ids"]  # the prompt is not shortened on Qwen
         last = model(**x).logits[:, -1].argmax(-1)
         assert visual_rows_at_layer0(m, model, x) == [k, k]
@@ -124,10 +124,10 @@ def test_batch_with_left_padding_equals_alone(qwen, name):
     assert (inp["attention_mask"][:, 0] == 0).any()  # left padded
     m = get_method(name)
     with torch.no_grad(), m.apply(model, k):
-        batched = model(**m.prepare_inputs(model, inp, k)).logits
+        batched = model(**m.reduce_inputs(model, inp, k)).logits
         sel = [s.tolist() for s in m.last_selection]
         for b in range(3):
-            single = model(**m.prepare_inputs(model, one(inp, b), k)).logits
+            single = model(**m.reduce_inputs(model, one(inp, b), k)).logits
             assert [s.tolist() for s in m.last_selection] == [sel[b]]
             n = single.shape[1]
             torch.testing.assert_close(batched[b, -n:], single[0], rtol=1e-4, atol=1e-4)
@@ -142,7 +142,7 @@ def test_keep_all_is_the_stock_model(qwen):
             m = get_method(name)
             for k in (24, 99):  # 24 = tokens of the larger image: every image keeps all its tokens
                 with m.apply(model, k):
-                    assert torch.equal(model(**m.prepare_inputs(model, inp, k)).logits, dense)
+                    assert torch.equal(model(**m.reduce_inputs(model, inp, k)).logits, dense)
                     assert [len(s) for s in m.last_selection] == [16, 24]
 
 
@@ -153,7 +153,7 @@ def test_k_is_per_image_and_capped_by_its_tokens(qwen, k):
     for name in SUPPORTED:
         m = get_method(name)
         with torch.no_grad(), m.apply(model, k):
-            model(**m.prepare_inputs(model, inp, k))
+            model(**m.reduce_inputs(model, inp, k))
             assert visual_rows_at_layer0(m, model, inp) == [min(k, 16), min(k, 24)]
 
 
@@ -169,7 +169,7 @@ def test_matches_a_hand_dropped_prompt_at_original_positions(qwen, name):
     with torch.no_grad(), m.apply(model, k):
         h = model.model.visual.register_forward_hook(lambda mod, a, out: feats.append(out.pooler_output))
         try:
-            out = model(**m.prepare_inputs(model, inp, k)).logits
+            out = model(**m.reduce_inputs(model, inp, k)).logits
         finally:
             h.remove()
     ids = inp["input_ids"]
@@ -238,7 +238,7 @@ def test_match_budget_on_qwen2_vl(qwen2, name):
     match = match_budget(m, model.config, groups, Budget("tokens", 6))
     assert match.knob == 6 and match.flops == flops_for_tokens(model.config, groups, 6)
     with torch.no_grad(), m.apply(model, match.knob):
-        model(**m.prepare_inputs(model, inp, match.knob))
+        model(**m.reduce_inputs(model, inp, match.knob))
         kept = m.pruner.kept_rows[0]["q"][0]
     assert kept == sum(m.schedule(groups, 4, match.knob)[0].values())
 
@@ -249,7 +249,7 @@ def test_text_guided_reducers_are_refused_on_qwen(qwen2, name):
     with pytest.raises(MethodError, match=r"supports model types \['llava', 'llava_next'\].*'qwen2_vl'.*not a CLIP encoder"):
         m.check_model(qwen2)
     with pytest.raises(MethodError, match="not a CLIP encoder"):
-        m.prepare_inputs(qwen2, make_inputs(1, 0), 4)
+        m.reduce_inputs(qwen2, make_inputs(1, 0), 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def test_golden_kept_indices_qwen2_vl(qwen2, name):
         m = get_method(name)
         inp = make_inputs(3, 5)
         with torch.no_grad(), m.apply(model, k):
-            logits = model(**m.prepare_inputs(model, inp, k)).logits
+            logits = model(**m.reduce_inputs(model, inp, k)).logits
         got[str(k)] = {"kept": [s.tolist() for s in m.last_selection],
                        "last_logit_sum": round(float(logits[:, -1].sum()), 3)}
     check_golden(GOLDEN / f"{name}_qwen2_vl.json", got)

@@ -10,10 +10,10 @@ from PIL import Image
 from test_baselines_prellm_qwen import PROC, make_inputs
 from tiny_models import BUILDERS, _texts
 
+from dop.engine import prune
 from dop.engine.baselines import MethodError, get_method
 from dop.engine.baselines.resize import patchify, target_grid, unpatchify
-from dop.engine import prune
-from dop.engine.front_end import prepare_inputs, reducer_of
+from dop.engine.front_end import reduce_inputs, reducer_of
 from dop.policy import DepthPolicy, Policy
 
 TEMPLATE = "<|im_start|> {sys} <|vision_start|> <|image_pad|> <|vision_end|> {q} <|im_end|> <|im_start|> assistant"
@@ -50,7 +50,7 @@ def test_prompt_equals_the_processor_on_a_smaller_image(qwen):
     text = _texts(1, 0, TEMPLATE)
     full = dict(PROC(images=[img], text=text, return_tensors="pt"))
     small = dict(PROC(images=[img.resize((84, 56), Image.BICUBIC)], text=text, return_tensors="pt"))
-    out = get_method("resize").prepare_inputs(qwen, full, 6)
+    out = get_method("resize").reduce_inputs(qwen, full, 6)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
         assert torch.equal(out[key], small[key]), key
     # pixels: the normalised-tensor resize is close to the processor's 8-bit PIL resize
@@ -64,7 +64,7 @@ def test_prompt_equals_the_processor_on_a_smaller_image(qwen):
 def test_batch_with_left_padding_equals_per_sample(qwen):
     inputs = make_inputs(3, seed=2)  # 16, 24, 24 tokens
     method = get_method("resize")
-    batch = method.prepare_inputs(qwen, inputs, 6)
+    batch = method.reduce_inputs(qwen, inputs, 6)
     assert bool((batch["attention_mask"][:, 0] == 0).any())  # still left-padded
     with torch.no_grad():
         together = qwen(**batch).logits[:, -1]
@@ -75,7 +75,7 @@ def test_batch_with_left_padding_equals_per_sample(qwen):
             one = {"input_ids": inputs["input_ids"][b:b + 1, valid], "attention_mask": inputs["attention_mask"][b:b + 1, valid],
                    "mm_token_type_ids": inputs["mm_token_type_ids"][b:b + 1, valid],
                    "pixel_values": inputs["pixel_values"][lo:lo + sizes[b]], "image_grid_thw": inputs["image_grid_thw"][b:b + 1]}
-            alone = qwen(**method.prepare_inputs(qwen, one, 6)).logits[0, -1]
+            alone = qwen(**method.reduce_inputs(qwen, one, 6)).logits[0, -1]
             torch.testing.assert_close(together[b], alone, atol=1e-4, rtol=1e-4)
     n = (batch["input_ids"] == qwen.config.image_token_id).sum(1).tolist()
     assert all(x <= 6 for x in n) and n == [4, 6, 6]
@@ -83,7 +83,7 @@ def test_batch_with_left_padding_equals_per_sample(qwen):
 
 def test_keep_all_is_the_stock_prompt_and_refusals(qwen):
     inputs = make_inputs(2, seed=0)
-    out = get_method("resize").prepare_inputs(qwen, inputs, 99)
+    out = get_method("resize").reduce_inputs(qwen, inputs, 99)
     assert all(torch.equal(out[k], inputs[k]) for k in inputs)
     with pytest.raises(MethodError, match="supports model types"):
         get_method("resize").check_model(BUILDERS["llava"]()[0])
@@ -94,7 +94,7 @@ def test_nv_front_end_by_input_resizing(qwen):
     inputs = make_inputs(2, seed=3)
     policy = DepthPolicy({"kv/vision": 1}, n_v=6, reducer="resize").expand(4)
     with torch.no_grad(), prune(qwen, policy) as pruner:
-        x = prepare_inputs(qwen, inputs, policy)
+        x = reduce_inputs(qwen, inputs, policy)
         qwen(**x)
         gen = qwen.generate(**x, max_new_tokens=2, do_sample=False)
     assert (x["input_ids"] == qwen.config.image_token_id).sum(1).tolist() == [4, 6]

@@ -66,7 +66,7 @@ def _run(model, processor, name, clip_dir, images, questions, k=K, generate=0):
     m = get_method(name, text_tower=str(clip_dir))
     inp = _inputs(processor, images, questions)
     with torch.no_grad(), m.apply(model, k):
-        x = m.prepare_inputs(model, inp, k)
+        x = m.reduce_inputs(model, inp, k)
         logits = model(**x).logits
         gen = model.generate(**x, max_new_tokens=generate, min_new_tokens=generate,
                                                           do_sample=False) if generate else None
@@ -265,7 +265,7 @@ def test_generate_without_a_forward_first(llava, clip_dir, images, name):
     model, processor = llava
     m = get_method(name, text_tower=str(clip_dir))
     with torch.no_grad(), m.apply(model, K):
-        x = m.prepare_inputs(model, _inputs(processor, images, [QUESTIONS[1], LONG]), K)
+        x = m.reduce_inputs(model, _inputs(processor, images, [QUESTIONS[1], LONG]), K)
         gen = model.generate(**x, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     assert gen.shape == (2, x["input_ids"].shape[1] + 2)
     _, _, ref, _ = _run(model, processor, name, clip_dir, images, [QUESTIONS[1], LONG], generate=2)
@@ -297,7 +297,7 @@ def test_method_yaml_exposes_the_text_tower(name):
 def _compose(overrides, tmp_path, data):
     from hydra import compose, initialize_config_dir
 
-    from dop.cli import CONF_DIR
+    from dop.stages import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("config", overrides=["stage=evaluate", "model=tiny_llava", "device=cpu", "logger=none",
@@ -319,8 +319,8 @@ def test_cli_evaluate_trim_with_a_text_tower_lands_a_record(clip_dir, synthetic_
     pytest.importorskip("lmms_eval")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from dop.evaluation import stage
     from dop.results import ResultsStore
+    from dop.stages import evaluate as stage
 
     cfg = _compose(["method=trim", f"method.text_tower={clip_dir}"], tmp_path, synthetic_data)
     out = stage.run(cfg)
@@ -335,7 +335,7 @@ def test_cli_evaluate_trim_with_a_text_tower_lands_a_record(clip_dir, synthetic_
 def test_cli_evaluate_trim_without_a_text_tower_fails_before_any_forward(synthetic_data, tmp_path, monkeypatch):
     from transformers import LlavaForConditionalGeneration
 
-    from dop.evaluation import stage
+    from dop.stages import evaluate as stage
 
     def no_forward(*a, **k):
         pytest.fail("the model ran before the text-tower check")

@@ -18,7 +18,7 @@ def _images(k, size=8):
 def _compose(data, overrides):
     from hydra import compose, initialize_config_dir
 
-    from dop.cli import CONF_DIR
+    from dop.stages import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("config", overrides=[f"data={data}", "paths.run_dir=/nonexistent", *overrides])
@@ -82,16 +82,18 @@ def test_disk_parquet_and_single_dataset(tmp_path):
 
 
 def test_disk_config_composes_into_sweep_loader(disk_dd, tmp_path):
-    """conf/data/disk.yaml through the sweep's load_calibration (the non-synthetic dispatch)."""
-    from dop.sweep import SweepError
-    from dop.sweep import load_calibration as sweep_load
+    """conf/data/disk.yaml through the sweep stage's calibration loader (the non-synthetic dispatch)."""
+    from dop.stages.config import SweepStage, load
+    from dop.stages.schema import ConfigError
+    from dop.stages.sweep import calibration_samples
 
-    cfg = _compose("disk", [f"data.path={disk_dd}", "data.image_column=img", "data.question_column=prompt"])
-    assert cfg.data.split == "train"
-    _check(sweep_load(cfg, 3), 3)
-    cfg.data.path = None
-    with pytest.raises(SweepError, match="data.path must be set"):
-        sweep_load(cfg, 3)
+    over = [f"data.path={disk_dd}", "data.image_column=img", "data.question_column=prompt", "method.num_calibration=3"]
+    conf = load(SweepStage, _compose("disk", over))
+    assert conf.data.split == "train"
+    _check(calibration_samples(conf), 3)
+    conf = load(SweepStage, _compose("disk", [*over, "data.path=null"]))
+    with pytest.raises(ConfigError, match="data.path must be set"):
+        calibration_samples(conf)
 
 
 @pytest.fixture(scope="module")

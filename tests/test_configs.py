@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dop.cli import CONF_DIR
+from dop.stages import CONF_DIR
 
 SKIP_GROUPS = {"local", "hydra", "experiment", "launcher"}  # local: git-ignored; the others: test_experiments.py
 

@@ -122,7 +122,7 @@ def test_generate_until_respects_until_and_max_new_tokens(model_proc):
 
 def test_unknown_method_and_multi_round(model_proc):
     model, proc = model_proc
-    with pytest.raises(ValueError, match="known methods: dense, policy"):
+    with pytest.raises(ValueError, match="valid methods: dense, policy"):
         DopLMM.from_model(model, proc, method="fastvv")
     with pytest.raises(ValueError, match="needs policy"):
         DopLMM.from_model(model, proc, method="policy")

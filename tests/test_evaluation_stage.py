@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 
 import pytest
-from omegaconf import OmegaConf
 
 pytest.importorskip("lmms_eval")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evaluation_fixtures import save_synthetic, save_tiny_llava  # noqa: E402
+from stage_configs import compose_cfg  # noqa: E402
 
-from dop.evaluation import stage  # noqa: E402
+import dop.stages.config as stage_config  # noqa: E402
 from dop.evaluation.benchmarks import Benchmark  # noqa: E402
 from dop.results import ResultsStore  # noqa: E402
+from dop.stages import evaluate as stage  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +25,12 @@ def env(tmp_path_factory):
     return root, save_tiny_llava(root / "model"), save_synthetic(root / "data", n=6)
 
 
-def _cfg(root, model_dir, data, policy=None, run="run"):
-    return OmegaConf.create({
-        "stage": "evaluate", "seed": 0, "device": "cpu", "num_threads": None, "policy": policy,
-        "model": {"name": "tiny_test", "pretrained": str(model_dir), "dtype": None, "attn_implementation": "sdpa"},
-        "method": {"name": "dop"},
-        "benchmark": {"name": "synthetic", "tasks": ["dop_synthetic"], "metric": "exact_match",
-                      "metrics": ["exact_match"], "limit": 4, "batch_size": 2, "dataset_path": str(data)},
-        "paths": {"results_dir": str(root / "results"), "run_dir": str(root / run)},
-        "logger": {"name": "none", "mode": "disabled", "project": "dop", "entity": None},
-    })
+def _cfg(root, model_dir, data, policy=None, run="run", results="results", *extra):
+    return compose_cfg(root / run, "stage=evaluate", "device=cpu", "model.name=tiny_test",
+                       f"model.pretrained={model_dir}", "model.dtype=null", "method=dop", "benchmark=synthetic",
+                       "benchmark.limit=4", "benchmark.batch_size=2", f"benchmark.dataset_path={data}",
+                       f"paths.results_dir={root / results}", f"policy={policy}" if policy else "policy=null",
+                       *extra, output_dir=root / "out")
 
 
 def test_stage_dense_then_policy_then_skip(env):
@@ -68,9 +65,8 @@ def test_failing_benchmark_keeps_the_others(env, monkeypatch):
     good = Benchmark(name="synthetic", tasks=("dop_synthetic",), metric="exact_match", limit=2,
                      dataset_path=str(data))
     bad = Benchmark(name="broken", tasks=("no_such_task_xyz",), metric="acc")
-    monkeypatch.setattr(stage, "resolve", lambda _cfg: [bad, good])
-    cfg = _cfg(root, model_dir, data, run="run4")
-    cfg.paths.results_dir = str(root / "results_fail")
+    monkeypatch.setattr(stage_config, "resolve_benchmarks", lambda spec, check=True: [bad, good])
+    cfg = _cfg(root, model_dir, data, None, "run4", "results_fail")
     with pytest.raises(RuntimeError, match="1 benchmark"):
         stage.run(cfg)
     (rec,) = ResultsStore(root / "results_fail").records()
@@ -96,10 +92,8 @@ def test_stage_runs_a_policy_with_a_front_end(env):
     model, _ = load_model(str(model_dir))
     groups = rec.extra["groups"]
     assert out["records"] and rec.tflops == pytest.approx(count_flops(model.config, {**groups, "vision": 3}) / 1e12)
-    cfg = _cfg(root, model_dir, data, run="run_vp")
-    cfg.method = {"name": "vispruner", "important_ratio": 0.5}
-    cfg.budget = {"kind": "tokens", "values": [3]}
-    stage.run(cfg)
+    stage.run(_cfg(root, model_dir, data, None, "run_vp", "results", "method=vispruner",
+                   "method.important_ratio=0.5", "budget=tokens", "budget.values=[3]"))
 
     def responses(run: str) -> list:
         return [json.loads(line) for f in sorted((root / run / "samples").rglob("*.jsonl"))

@@ -9,21 +9,23 @@ import json
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from reference import reference_groups, reference_prune
+from stage_configs import stage_conf
 from test_sweep_store import tiny_job, tiny_model
 from tiny_models import BUILDERS, IDS
 
-import dop.search as search
+import dop.stages.search as search_stage
 import dop.sweep as sweep
 from dop.adapters import get_adapter
+from dop.engine import EngineError, prune
 from dop.engine.baselines import MethodError, get_method
 from dop.engine.baselines.vispruner import vispruner_select
-from dop.engine import EngineError, prune
+from dop.engine.front_end import nv_values, reduce_inputs, reducer_of
 from dop.flops import count_flops
-from dop.engine.front_end import nv_values, prepare_inputs, reducer_of
 from dop.policy import DepthPolicy, Policy, PolicyError
 from dop.search import CostModel, InfeasibleBudgetError, Solution, solve_exact, solve_joint
+from dop.stages.config import SearchStage
+from dop.stages.schema import ConfigError
 
 N_PATCH = 16  # the tiny LLaVA of tests/tiny_models.py: 56 px / 14 px patches
 
@@ -110,7 +112,7 @@ def test_nv_policy_equals_hand_built_reference(llava, seed):
     depths = {f"{t}/{g}": int(rng.integers(0, 5)) for t in ("q", "kv", "mlp") for g in ("system", "vision")}
     policy = DepthPolicy(depths, n_v=k).expand(4)
     with torch.no_grad(), prune(model, policy) as pruner:
-        reduced = prepare_inputs(model, inputs, policy)
+        reduced = reduce_inputs(model, inputs, policy)
         ours = model(**reduced).logits
     assert int((reduced["input_ids"] == IDS["<image>"]).sum()) == k
     assert reducer_of(policy).last_selection is not None
@@ -136,11 +138,11 @@ def test_nv_policy_without_ops_is_the_vispruner_baseline(llava):
     base = get_method("vispruner")
     with torch.no_grad():
         with prune(model, policy):
-            ours = model(**prepare_inputs(model, inputs, policy)).logits
-            gen = model.generate(**prepare_inputs(model, inputs, policy), max_new_tokens=3, do_sample=False)
+            ours = model(**reduce_inputs(model, inputs, policy)).logits
+            gen = model.generate(**reduce_inputs(model, inputs, policy), max_new_tokens=3, do_sample=False)
         with base.apply(model, k):
-            theirs = model(**base.prepare_inputs(model, inputs, k)).logits
-            gen_ref = model.generate(**base.prepare_inputs(model, inputs, k), max_new_tokens=3, do_sample=False)
+            theirs = model(**base.reduce_inputs(model, inputs, k)).logits
+            gen_ref = model.generate(**base.reduce_inputs(model, inputs, k), max_new_tokens=3, do_sample=False)
     assert torch.equal(ours, theirs) and torch.equal(gen, gen_ref)
 
 
@@ -150,21 +152,21 @@ def test_batch_with_left_padding_equals_per_sample(llava):
     batch = dict(make(batch=3, seed=5))
     assert bool((batch["attention_mask"][:, 0] == 0).any())  # really left-padded
     with torch.no_grad(), prune(model, policy):
-        reduced = prepare_inputs(model, batch, policy)
+        reduced = reduce_inputs(model, batch, policy)
         together = model(**reduced).logits[:, -1]
         alone = []
         for b in range(3):
             row = batch["attention_mask"][b].bool()
             single = {"input_ids": batch["input_ids"][b][row][None], "attention_mask": batch["attention_mask"][b][row][None],
                       "pixel_values": batch["pixel_values"][b : b + 1]}
-            alone.append(model(**prepare_inputs(model, single, policy)).logits[0, -1])
+            alone.append(model(**reduce_inputs(model, single, policy)).logits[0, -1])
     torch.testing.assert_close(together, torch.stack(alone), atol=1e-5, rtol=0)
 
 
 def test_unprepared_inputs_and_prefix_are_refused(llava):
     model, make = llava
     inputs = dict(make(batch=1, seed=0))
-    with pytest.raises(MethodError, match="prepare_inputs"), torch.no_grad(), prune(model, Policy(n_v=4)):
+    with pytest.raises(MethodError, match="reduce_inputs"), torch.no_grad(), prune(model, Policy(n_v=4)):
         model(**inputs)
     with pytest.raises(EngineError, match="prefix= cannot serve a policy with n_v"):
         with prune(model, Policy(n_v=4), prefix=(1, torch.zeros(1, 3, 8))):
@@ -183,7 +185,7 @@ def _kl_by_hand(model, batches, k):
         for batch in batches:
             dense = torch.log_softmax(model(**batch.inputs).logits[:, -1].double(), -1)
             with base.apply(model, k):
-                red = torch.log_softmax(model(**base.prepare_inputs(model, batch.inputs, k)).logits[:, -1].double(), -1)
+                red = torch.log_softmax(model(**base.reduce_inputs(model, batch.inputs, k)).logits[:, -1].double(), -1)
             out.extend((dense.exp() * (dense - red)).sum(-1).tolist())
     return out
 
@@ -280,26 +282,20 @@ def test_solve_joint_full_count_is_no_front_end():
     assert out.n_v is None and out.depth_policy(4).n_v is None and out.predicted_kl == 0.1
 
 
-def _cfg(run_dir, budgets, **method):
-    return OmegaConf.create({
-        "seed": 0, "paths": {"run_dir": str(run_dir)},
-        "method": {"name": "dop", "solver": "exact", "convention": "dop", "measure": True, "check_additive": 3,
-                   **method},
-        "budget": {"kind": "ratio", "values": budgets},
-        "sweep": {"shard": 0, "num_shards": 1, "merge_from": []},
-        "logger": {"name": "none", "mode": "disabled"},
-    })
+def _conf(run_dir, budgets, *overrides):
+    values = ",".join(str(b) for b in budgets)
+    return stage_conf(SearchStage, run_dir, "method.check_additive=3", "method.n_v=[8,4]", "budget=ratio",
+                      f"budget.values=[{values}]", *overrides)
 
 
 def test_search_stage_solves_depths_and_nv_jointly(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     job = tiny_job(tmp_path, layers=3, pairs=[("mlp", "vision"), ("kv", "system")], n_v=[8, 4])
-    monkeypatch.setattr(sweep.SweepJob, "from_config", classmethod(lambda cls, cfg: job))
     groups = job.flops_groups()
     cheapest_full = CostModel.from_flops(job.text_config, groups, job.pairs)
     # below this only a front end reaches (vision's attention is never pruned by these pairs)
     floor = cheapest_full.cost([0, 0]) / cheapest_full.dense
-    out = search.run(_cfg(tmp_path, [0.9, round(floor * 0.97, 4)]))
+    out = search_stage.execute(_conf(tmp_path, [0.9, round(floor * 0.97, 4)]), job=job)
     assert out["n_v"]["reducer"] == "vispruner" and set(out["n_v"]["curve"]) == {"4", "8", "16"}
     low = out["budgets"][f"ratio_{round(floor * 0.97, 4)}"]
     assert low["n_v"] in (4, 8) and low["reducer"] == "vispruner"  # depths alone cannot reach it
@@ -313,8 +309,8 @@ def test_search_stage_solves_depths_and_nv_jointly(tmp_path, monkeypatch):
         assert entry["flops"] == pytest.approx(count_flops(job.text_config, groups, policy))
         assert entry["measured_kl"] == pytest.approx(job.measure_kl(policy), rel=1e-6)
     assert out["additive_check"]["n"] == 3
-    with pytest.raises(search.SearchError, match="KL objective"):
-        search.run(_cfg(tmp_path, [0.9], objective="accuracy"))
+    with pytest.raises(ConfigError, match="KL objective"):
+        search_stage.execute(_conf(tmp_path, [0.9], "method.objective=accuracy"), job=job)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,15 +332,15 @@ def test_nv_policy_on_qwen2_vl(qwen, tmp_path):
     base = get_method("vispruner")
     with torch.no_grad():
         with base.apply(qwen, k):
-            theirs = qwen(**base.prepare_inputs(qwen, inputs, k)).logits
+            theirs = qwen(**base.reduce_inputs(qwen, inputs, k)).logits
         with prune(qwen, Policy(n_v=k)) as pruner:
-            ours = qwen(**prepare_inputs(qwen, inputs, Policy(n_v=k))).logits
+            ours = qwen(**reduce_inputs(qwen, inputs, Policy(n_v=k))).logits
         assert torch.equal(ours, theirs)
         assert pruner.kept_masks[0]["kv"].sum(1).tolist() == [
             int(m.sum()) - n + k for m, n in zip(inputs["attention_mask"], (16, 24))]
         policy = DepthPolicy({"kv/vision": 1, "mlp/instruction": 2}, n_v=k).expand(4)
         with prune(qwen, policy):
-            gen = qwen.generate(**prepare_inputs(qwen, inputs, policy), max_new_tokens=3, do_sample=False)
+            gen = qwen.generate(**reduce_inputs(qwen, inputs, policy), max_new_tokens=3, do_sample=False)
     assert gen.shape[1] == inputs["input_ids"].shape[1] + 3
     # the sweep: n_v's full count comes from the calibration set; its curve is measured
     B, T = inputs["input_ids"].shape

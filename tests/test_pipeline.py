@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dop.cli import CONF_DIR, STAGES
 from dop.models import TINY_LLAVA_DIR
-from dop.pipeline import RunDirError, check_run_dir
 from dop.policy import Policy
+from dop.stages import CONF_DIR, STAGES
+from dop.stages.config import PipelineStage, load
+from dop.stages.pipeline import RunDirError, check_run_dir
 
 needs_tiny = pytest.mark.skipif(not (TINY_LLAVA_DIR / "config.json").exists(), reason="tiny_llava not shipped")
 
@@ -27,7 +28,7 @@ def _cfg(tmp: Path, *overrides: str):
 
 @needs_tiny
 def test_pipeline_end_to_end(tmp_path):
-    from dop.pipeline import run
+    from dop.stages.pipeline import run
 
     cfg = _cfg(tmp_path, "method.num_calibration=32", "sweep.progress_bar=false")
     out = run(cfg)
@@ -55,9 +56,10 @@ def test_pipeline_end_to_end(tmp_path):
     for value in ("0.5", "0.35", "0.25"):
         assert value in report
     # ... and beats the uniform-depth and random depth policies of the same FLOPs
-    from dop.compare import compare_on_synthetic, reference_policies
+    from dop.evaluation.scoring import compare_on_synthetic
     from dop.models import load_model
-    from dop.search import parse_pair
+    from dop.search.reference import reference_policies
+    from dop.space import parse_pair
 
     model, processor = load_model("tiny_llava")
     refs = reference_policies(model.config.get_text_config(), search["groups"],
@@ -72,10 +74,13 @@ def test_pipeline_end_to_end(tmp_path):
 
 
 def test_run_dir_of_another_config_is_refused(tmp_path):
-    check_run_dir(tmp_path, _cfg(tmp_path))
-    check_run_dir(tmp_path, _cfg(tmp_path, "budget.values=[0.3]"))  # budgets may change
+    def conf(*overrides):
+        return load(PipelineStage, _cfg(tmp_path, *overrides))
+
+    check_run_dir(tmp_path, conf())
+    check_run_dir(tmp_path, conf("budget.values=[0.3]"))  # budgets may change
     with pytest.raises(RunDirError, match="differs in model"):
-        check_run_dir(tmp_path, _cfg(tmp_path, "model=llava15_7b"))
+        check_run_dir(tmp_path, conf("model=llava15_7b"))
 
 
 def test_every_stage_resolves():

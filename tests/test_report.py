@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 
-from omegaconf import OmegaConf
+from stage_configs import compose_cfg
 
-from dop.report import build_table, plot_accuracy_vs_tflops, run, to_markdown
+from dop.evaluation.benchmarks import headline_metrics
+from dop.report import build_table, plot_accuracy_vs_tflops, to_markdown
 from dop.results import Record, ResultsStore
+from dop.stages.report import run
 
 
 def _fill(store: ResultsStore) -> None:
@@ -38,19 +40,18 @@ HAND = """\
 def test_markdown_equals_hand_table(tmp_path):
     store = ResultsStore(tmp_path)
     _fill(store)
-    assert to_markdown(build_table(store.records())) == HAND
+    assert to_markdown(build_table(store.records(), headline_metrics())) == HAND
 
 
 def test_run_writes_markdown_csv_plot(tmp_path):
     store = ResultsStore(tmp_path / "results")
     _fill(store)
-    cfg = OmegaConf.create({"paths": {"results_dir": str(tmp_path / "results"), "run_dir": str(tmp_path / "run")},
-                            "logger": {"name": "none", "mode": "disabled"}})
-    paths = run(cfg)
+    paths = run(compose_cfg(tmp_path / "run", f"paths.results_dir={tmp_path / 'results'}"))
     assert (tmp_path / "run" / "report.md").read_text() == HAND
     rows = list(csv.reader(open(paths["csv"])))
     assert rows[0] == ["Method", "Budget", "pope", "synthetic", "Avg", "% dense"]
     assert rows[2][:3] == ["dop", "ratio=0.5", "0.72"]
     png = (tmp_path / "run" / "accuracy_vs_tflops.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert plot_accuracy_vs_tflops(store.records(), tmp_path / "p.png", benchmark="pope").stat().st_size > 0
+    assert plot_accuracy_vs_tflops(store.records(), tmp_path / "p.png", benchmark="pope",
+                                   metrics=headline_metrics()).stat().st_size > 0

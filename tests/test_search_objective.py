@@ -7,17 +7,21 @@ import json
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 pytest.importorskip("dop.engine")
 pytest.importorskip("dop.flops")
 
 from evaluation_fixtures import synthetic_dataset, tiny_llava  # noqa: E402
+from stage_configs import stage_conf  # noqa: E402
 
 import dop.search as search  # noqa: E402
+import dop.stages.search as search_stage  # noqa: E402
 import dop.sweep as sweep  # noqa: E402
 from dop.divergence import calibration_batches  # noqa: E402
+from dop.evaluation.scoring import calibration_accuracy  # noqa: E402
 from dop.policy import DepthPolicy, Policy  # noqa: E402
+from dop.stages.config import SearchStage  # noqa: E402
+from dop.stages.schema import ConfigError  # noqa: E402
 
 VIS, INS = ("mlp", "vision"), ("mlp", "instruction")
 
@@ -108,23 +112,13 @@ def _samples(n=4, answers=True):
 
 def _job(tmp_path, model_proc, samples):
     model, proc = model_proc
-    job = sweep.SweepJob(model, calibration_batches(proc, samples, 4), model_id="tiny-llava", run_dir=tmp_path,
-                         pairs=[("kv", "vision"), ("mlp", "instruction")])
-    job.processor, job.calibration_samples = proc, samples
-    return job
+    return sweep.SweepJob(model, calibration_batches(proc, samples, 4), model_id="tiny-llava", run_dir=tmp_path,
+                          pairs=[("kv", "vision"), ("mlp", "instruction")], processor=proc, samples=samples)
 
 
-def _cfg(run_dir, **method):
-    return OmegaConf.create({
-        "seed": 0, "device": "cpu",
-        "paths": {"run_dir": str(run_dir)},
-        "data": {"name": "synthetic"},
-        "method": {"name": "dop", "objective": "accuracy", "solver": "exact", "convention": "dop",
-                   "measure": True, "check_additive": 2, **method},
-        "budget": {"kind": "ratio", "values": [0.8, 0.6]},
-        "sweep": {"shard": 0, "num_shards": 1, "merge_from": [], "batch_size": 4},
-        "logger": {"name": "none", "mode": "disabled"},
-    })
+def _conf(run_dir, *overrides):
+    return stage_conf(SearchStage, run_dir, "method.objective=accuracy", "method.check_additive=2",
+                      "budget=ratio", "budget.values=[0.8,0.6]", "sweep.batch_size=4", "device=cpu", *overrides)
 
 
 def test_accuracy_objective_stage_real_engine(tmp_path, model_proc, monkeypatch):
@@ -138,8 +132,7 @@ def test_accuracy_objective_stage_real_engine(tmp_path, model_proc, monkeypatch)
     for i in (0, 2):
         samples[i]["answer"] = preds[i]
     job = _job(tmp_path, model_proc, samples)
-    monkeypatch.setattr(sweep.SweepJob, "from_config", classmethod(lambda cls, cfg: job))
-    out = search.run(_cfg(tmp_path))
+    out = search_stage.execute(_conf(tmp_path), job=job)
     assert job.last_stats == {}  # GSOP's objective runs no sweep
     summary = json.loads((tmp_path / "search.json").read_text())
     assert summary["objective"] == "accuracy" and summary["solver"] == "greedy"  # method.solver ignored
@@ -155,20 +148,19 @@ def test_accuracy_objective_stage_real_engine(tmp_path, model_proc, monkeypatch)
     assert "additive_check" not in summary  # no sweep, no curves to check
     # the accuracy the search recorded is what the direct scorer gives for the found policy
     found = Policy.from_yaml(tmp_path / "policies" / "ratio_0.6.yaml")
-    again = search.calibration_accuracy(model, proc, samples, {"p": found}, batch_size=4)["p"]
+    again = calibration_accuracy(model, proc, samples, {"p": found}, batch_size=4)["p"]
     assert again == pytest.approx(summary["budgets"]["ratio_0.6"]["calibration_accuracy"])
 
 
 def test_missing_answers_and_unknown_objective(tmp_path, model_proc, monkeypatch):
     torch.set_num_threads(1)
-    with pytest.raises(search.SearchError, match="needs a reference answer"):  # the direct scorer too
-        search.calibration_accuracy(None, None, [{"id": "a", "question": "q", "image": None}], {})
+    with pytest.raises(ValueError, match="needs a reference answer"):  # the direct scorer too
+        calibration_accuracy(None, None, [{"id": "a", "question": "q", "image": None}], {})
     job = _job(tmp_path, model_proc, _samples(answers=False))
-    monkeypatch.setattr(sweep.SweepJob, "from_config", classmethod(lambda cls, cfg: job))
     scored = []
-    monkeypatch.setattr(search, "calibration_accuracy", lambda *a, **k: scored.append(1))
-    with pytest.raises(search.SearchError, match="needs a reference answer for every calibration sample"):
-        search.run(_cfg(tmp_path))
+    monkeypatch.setattr(search_stage, "calibration_accuracy", lambda *a, **k: scored.append(1))
+    with pytest.raises(ValueError, match="needs a reference answer for every calibration sample"):
+        search_stage.execute(_conf(tmp_path), job=job)
     assert not scored  # failed before any generation
-    with pytest.raises(search.SearchError, match="unknown objective 'f1'; valid: kl, accuracy"):
-        search.run(_cfg(tmp_path, objective="f1"))
+    with pytest.raises(ConfigError, match="method.objective='f1' is not valid; valid: kl, accuracy"):
+        _conf(tmp_path, "method.objective=f1")

@@ -6,20 +6,20 @@ import time
 
 import numpy as np
 import pytest
+from solver_reference import brute_force
 
 from dop.budget import Budget
-from dop.policy import DepthPolicy, Policy, all_pairs
+from dop.policy import DepthPolicy, Policy
 from dop.search import (
     CostModel,
     InfeasibleBudgetError,
     SearchError,
-    brute_force,
     check_additive,
     greedy_search,
-    interpolate_curve,
     predict_kl,
     solve_exact,
 )
+from dop.space import all_pairs, interpolate_curve
 
 LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
 PAPER_GROUPS = {"system": 35, "vision": 576, "instruction": 100}

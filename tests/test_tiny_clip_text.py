@@ -1,4 +1,4 @@
-"""The shipped CLIP text tower of the embedded tiny LLaVA (``dop/assets/tiny_clip_text``, ``dop.clip_text``).
+"""The shipped CLIP text tower of the embedded tiny LLaVA (``dop/assets/tiny_clip_text``, ``dop.training.clip_text``).
 
 It loads through TRIM/CDPruner's own path (``text_tower="tiny_clip_text"`` or the directory), its
 vision side *is* the tiny LLaVA's tower, it learned (image -> caption retrieval on held-out images
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from dop import clip_text as ct
-from dop.engine.baselines import get_method
+from dop.clip_tokenizer import _pieces, clip_tokenizer
 from dop.data import synthetic as syn
+from dop.engine.baselines import get_method
 from dop.models import TINY_CLIP_TEXT_DIR, load_model, resolve_path
+from dop.training import clip_text as ct
 
 pytestmark = pytest.mark.skipif(not (TINY_CLIP_TEXT_DIR / "config.json").exists(),
                                 reason="dop/assets/tiny_clip_text not shipped")
@@ -59,11 +60,11 @@ def test_loads_through_the_method_and_its_vision_side_is_the_llava_tower(llava, 
 
 def test_shipped_tokenizer_is_the_offline_builder(tower):
     _, tok = tower
-    built = ct.clip_tokenizer()
+    built = clip_tokenizer(ct.synthetic_words())
     text = "what colour is the object right of the green triangle ? red circle top_left and blue square"
     assert tok(text)["input_ids"] == built(text)["input_ids"]
     for word in ct.synthetic_words():  # every piece of the synthetic vocabulary is one token
-        for piece in ct._pieces(word):
+        for piece in _pieces(word):
             assert len(tok(piece, add_special_tokens=False)["input_ids"]) == 1, piece
 
 
@@ -85,7 +86,7 @@ def test_model_configs_carry_their_text_tower(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from dop.cli import CONF_DIR
+    from dop.stages import CONF_DIR
 
     want = {"tiny_llava": "tiny_clip_text", "llava15_7b": "openai/clip-vit-large-patch14-336",
             "llava15_13b": "openai/clip-vit-large-patch14-336", "qwen2vl_7b": None,
@@ -114,7 +115,7 @@ def test_captions_are_true_of_their_scene_and_batches_are_deterministic(llava):
         assert all(p in present for p in named), (words, present)  # every object named is there
         assert all(scene.at(names.index(c)) is not None for c in cells), words  # every cell named is occupied
     cfg = ct.ClipTextConfig(batch_size=8)
-    tok, ip = ct.clip_tokenizer(), llava[1].image_processor
+    tok, ip = clip_tokenizer(ct.synthetic_words()), llava[1].image_processor
     a, b, c = (ct.batch_for_step(s, cfg, tok, ip) for s in (3, 3, 4))
     assert a["texts"] == b["texts"] and torch.equal(a["pixel_values"], b["pixel_values"])
     assert a["texts"] != c["texts"]

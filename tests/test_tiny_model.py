@@ -6,7 +6,7 @@ import torch
 
 from dop.data import synthetic as syn
 from dop.models import TINY_LLAVA_DIR, build_prompt, load_model, prepare_inputs
-from dop.train import evaluate_accuracy, train_tiny_llava
+from dop.training.tiny_llava import evaluate_accuracy, train_tiny_llava
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from dop.engine import prune
 from dop.models import load_model
 from dop.ops import Operation
 from dop.policy import Policy
-from dop.train import evaluate_accuracy
+from dop.training.tiny_llava import evaluate_accuracy
 
 TYPES = ("q", "kv", "mlp")
 

@@ -7,11 +7,10 @@ in no group (design.md §3).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
+from dop.flops import text_config
 from dop.ops import INSTRUCTION, PROMPT_GROUPS, SYSTEM, VISION
 
 
@@ -19,18 +18,10 @@ class AdapterError(ValueError):
     """The model or its inputs do not fit what the adapter expects."""
 
 
-def _first_attr(obj: object, names: Sequence[str]) -> object | None:
-    for name in names:
-        value = getattr(obj, name, None)
-        if value is not None:
-            return value
-    return None
-
-
 class Adapter:
     """Base adapter for MLLMs whose image features are scattered into the LM sequence.
 
-    Subclasses set ``family`` and ``model_types`` and override what differs (layer path, the image
+    Subclasses set ``family`` (registered by model_type in ``dop.adapters.ADAPTERS``) and override what differs (layer path, the image
     token ids). The default group rule (design.md §3): ``vision`` = positions whose id is an image
     (or video) placeholder id; ``system`` = non-padding positions before the first of them;
     ``instruction`` = every other non-padding position (after the last image, and text between
@@ -38,7 +29,6 @@ class Adapter:
     """
 
     family: str = "base"
-    model_types: tuple[str, ...] = ()
     layer_path: tuple[str, ...] = ("model", "language_model", "layers")
     # Config fields holding placeholder ids, tried in order; all found ones count as vision.
     vision_token_fields: tuple[str, ...] = ("image_token_id", "image_token_index", "video_token_id")
@@ -70,8 +60,7 @@ class Adapter:
         return len(self._layers)
 
     def text_config(self):
-        get = getattr(self.config, "get_text_config", None)
-        return get(decoder=True) if get is not None else self.config
+        return text_config(self.config)
 
     def input_module(self) -> nn.Module:
         """The module whose forward sees ``input_ids``, ``attention_mask`` and the cache."""

@@ -7,11 +7,8 @@
 from __future__ import annotations
 
 from dop.adapters.base import Adapter
-from dop.adapters.registry import register
 
 
-@register
 class InternVLAdapter(Adapter):
     family = "internvl"
-    model_types = ("internvl",)
     vision_token_fields = ("image_token_id",)

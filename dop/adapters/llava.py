@@ -8,23 +8,16 @@ token id too, so the same rule finds them; nothing here knows a count.
 from __future__ import annotations
 
 from dop.adapters.base import Adapter
-from dop.adapters.registry import register
 
 
-@register
 class LlavaAdapter(Adapter):
     family = "llava"
-    model_types = ("llava",)
 
 
-@register
 class LlavaNextAdapter(Adapter):
     family = "llava_next"
-    model_types = ("llava_next",)
 
 
-@register
 class LlavaOnevisionAdapter(Adapter):
     family = "llava_onevision"
-    model_types = ("llava_onevision",)
     vision_token_fields = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")

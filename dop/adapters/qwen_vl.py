@@ -10,7 +10,6 @@ between layers on full-length hidden states, which the engine keeps full length.
 from __future__ import annotations
 
 from dop.adapters.base import Adapter, AdapterError
-from dop.adapters.registry import register
 
 
 class _QwenVLAdapter(Adapter):
@@ -22,19 +21,13 @@ class _QwenVLAdapter(Adapter):
             raise AdapterError("image_grid_thw is required with pixel_values for Qwen-VL models")
 
 
-@register
 class Qwen2VLAdapter(_QwenVLAdapter):
     family = "qwen2_vl"
-    model_types = ("qwen2_vl",)
 
 
-@register
 class Qwen25VLAdapter(_QwenVLAdapter):
     family = "qwen2_5_vl"
-    model_types = ("qwen2_5_vl",)
 
 
-@register
 class Qwen3VLAdapter(_QwenVLAdapter):
     family = "qwen3_vl"
-    model_types = ("qwen3_vl",)

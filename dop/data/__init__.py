@@ -1,5 +1,9 @@
 """Data: the synthetic image-QA benchmark (``dop.data.synthetic``) and calibration samples
-(``dop.data.calibration``)."""
+(``dop.data.calibration``: synthetic, a dataset on disk, or an lmms-eval task's docs).
+
+Owns reading and generating image-question data. May import the concepts only (lmms-eval is
+loaded inside the one loader that reads task docs); the stages pass it typed data configs.
+"""
 
 from dop.data.calibration import load_calibration
 from dop.data.synthetic import (

@@ -20,6 +20,7 @@ Fewer than ``n`` rows: a warning, and all of them are returned.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import io
 import logging
@@ -28,6 +29,12 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from dop.data.synthetic import ensure_from_config, load_dataset_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +71,8 @@ def load_calibration(data_cfg: Any, n: int) -> list[dict[str, Any]]:
 
 
 def _plain(data_cfg: Any) -> dict[str, Any]:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(data_cfg):
-            return dict(OmegaConf.to_container(data_cfg, resolve=True))
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if dataclasses.is_dataclass(data_cfg) and not isinstance(data_cfg, type):  # the stages' typed data config
+        return {**dataclasses.asdict(data_cfg), "kind": getattr(data_cfg, "kind", None)}
     if not isinstance(data_cfg, Mapping):
         raise CalibrationError(f"data config must be a mapping, got {type(data_cfg).__name__}")
     return dict(data_cfg)
@@ -96,15 +98,11 @@ def _indices(total: int, n: int, seed: Any, what: str) -> list[int]:
         log.warning(msg)
     if seed is None:
         return list(range(min(n, total)))
-    import numpy as np
-
     return [int(i) for i in np.random.default_rng(int(seed)).permutation(total)[:n]]
 
 
 def _to_image(value: Any, where: str, base: Path | None = None) -> Any:
     """A PIL RGB image from a PIL image, an ``{"bytes", "path"}`` dict, raw bytes, a path or an array."""
-    from PIL import Image
-
     if isinstance(value, Image.Image):
         return value.convert("RGB")
     try:
@@ -123,8 +121,6 @@ def _to_image(value: Any, where: str, base: Path | None = None) -> Any:
             with Image.open(p) as im:
                 return im.convert("RGB")
         elif hasattr(value, "__array__"):
-            import numpy as np
-
             return Image.fromarray(np.asarray(value)).convert("RGB")
     except Exception as e:  # noqa: BLE001 - any decoding failure is reported with its location
         raise CalibrationError(f"{where}: cannot decode an image from {type(value).__name__} ({e})") from e
@@ -135,8 +131,6 @@ def _to_image(value: Any, where: str, base: Path | None = None) -> Any:
 # synthetic
 # --------------------------------------------------------------------------------------------
 def _load_synthetic(cfg: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    from dop.data.synthetic import ensure_from_config, load_dataset_dir
-
     path = ensure_from_config(cfg, _required(cfg, "path", "synthetic"))
     split_name = str(_get(cfg, "calibration_split", "val"))
     dd = load_dataset_dir(path)
@@ -158,8 +152,6 @@ def _load_disk(cfg: dict[str, Any], n: int) -> list[dict[str, Any]]:
 
 
 def _open_disk(path: Path, split: str, data_files: Any) -> Any:
-    import datasets
-
     if data_files:
         files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
         files = [str(f if Path(f).is_absolute() else path / f) for f in files]
@@ -187,8 +179,6 @@ def _open_disk(path: Path, split: str, data_files: Any) -> Any:
 
 
 def _load_files(files: list[str], split: str, what: str) -> Any:
-    import datasets
-
     builders = {_FILE_BUILDERS.get(Path(f).suffix) for f in files}
     if None in builders or len(builders) != 1:
         raise CalibrationError(f"{what}: need files of one kind among {sorted(_FILE_BUILDERS)}, got {files[:5]}")
@@ -229,7 +219,7 @@ def _rows(ds: Any, n: int, cfg: Mapping[str, Any], what: str, base: Path | None)
 def _task_manager(include_path: Any, task: str) -> Any:
     """A ``TaskManager`` that knows ``task``: the include path alone first (indexing lmms-eval's own
     ~2000 tasks takes seconds), then the full index. Unknown tasks raise with close names."""
-    from lmms_eval.tasks import TaskManager
+    from lmms_eval.tasks import TaskManager  # noqa: PLC0415 - optional heavy dependency: only task calibration loads lmms-eval
 
     paths = None
     if include_path:
@@ -251,7 +241,7 @@ def _task_manager(include_path: Any, task: str) -> Any:
 
 
 def _single_task(task_dict: Mapping[Any, Any], name: str) -> Any:
-    from lmms_eval.api.task import Task
+    from lmms_eval.api.task import Task  # noqa: PLC0415 - optional heavy dependency (see _task_manager)
 
     found = []
 
@@ -274,7 +264,7 @@ def _load_lmms_eval(cfg: dict[str, Any], n: int) -> list[dict[str, Any]]:
     kind = tm.task_index.get(name, {}).get("type")
     if kind in ("group", "tag"):
         raise CalibrationError(f"lmms-eval name {name!r} is a {kind}, not a task; name one of its tasks")
-    from lmms_eval.tasks import get_task_dict
+    from lmms_eval.tasks import get_task_dict  # noqa: PLC0415 - optional heavy dependency (see _task_manager)
 
     try:
         task = _single_task(get_task_dict([name], tm), name)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 from PIL import Image
 
@@ -319,8 +320,6 @@ def generate_split(
 ):
     """A ``datasets.Dataset`` of ``size`` samples. QA types are uniform (balanced evaluation);
     ``caption_fraction`` of the rows (train only by default) are caption samples."""
-    import datasets
-
     rows = defaultdict(list)
     n_cap = int(round(size * caption_fraction))
     for i in range(size):
@@ -350,8 +349,6 @@ def generate_splits(
     """``DatasetDict`` with the splits in ``sizes`` (default train 2000 / val 500 / test 1000).
     The train split also holds caption samples (``train_caption_fraction`` of its rows); val and
     test hold QA only, the seven types in equal expectation."""
-    import datasets
-
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
     out = {}
     for split, n in sizes.items():
@@ -412,8 +409,6 @@ def ensure_from_config(data_cfg: Any, path: Any = None) -> Path:
 
 
 def load_dataset_dir(path):
-    import datasets
-
     return datasets.load_from_disk(str(path))
 
 

@@ -42,7 +42,7 @@ def prune(
     it serves divergence sweeps, whose layers shallower than the pruning depth are exactly dense.
     ``selectors`` choose rows per sample during a prefill: each one's ``before_layer(ctx)`` is
     called with a :class:`LayerContext` at the start of every decoder layer. A policy with ``n_v``
-    also installs its reducer; its inputs must come from ``dop.engine.front_end.prepare_inputs``.
+    also installs its reducer; its inputs must come from ``dop.engine.front_end.reduce_inputs``.
     """
     with hooks(model, policy) as front, core.prune(model, policy, adapter=adapter, prefix=prefix,
                                                     selectors=[*front, *(selectors or [])]) as pruner:

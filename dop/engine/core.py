@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dop.adapters import Adapter, get_adapter
 from dop.ops import OpType
@@ -207,8 +210,6 @@ class Pruner:
             use_cache = getattr(self.model.config, "use_cache", True) if use_cache is None else use_cache
             if cache is None and use_cache and not (self.policy.is_identity and not self.selectors):
                 # Own the cache the model would create inside, so later decode calls are recognised.
-                from transformers import DynamicCache
-
                 cache = DynamicCache(config=self.model.config)
                 kwargs["cache"] = cache
                 changed = True
@@ -422,14 +423,10 @@ def _rotate(module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 def _attention_fn(attn: nn.Module, module):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     impl = attn.config._attn_implementation
     if impl in ("eager", "sdpa"):
         return impl, ALL_ATTENTION_FUNCTIONS.get_interface(impl, module.eager_attention_forward)
     # Flash/flex kernels take no arbitrary 4-D mask; pruned layers run SDPA with the explicit mask.
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     return "sdpa", sdpa_attention_forward
 
 

@@ -3,7 +3,7 @@
 The paper's third policy parameter (reviewers' (D_A, D_P, n_v)): a token-reduction method chosen
 per model family (VisPruner by default) keeps ``n_v`` visual tokens, and the policy's operations
 act on those. The reducer is a ``dop.engine.baselines`` pre-LLM method, so DOP's front end and that
-baseline are the same code: ``prepare_inputs`` shortens the prompt to ``n_v`` placeholders per
+baseline are the same code: ``reduce_inputs`` shortens the prompt to ``n_v`` placeholders per
 image and ``dop.engine.prune`` installs the reducer's hooks (``hooks``) around the pruned decoder.
 The sweep measures ``n_v``'s divergence curve like a depth parameter (``dop.sweep.NvPoint``) and
 the search solves depths and ``n_v`` jointly (``dop.search``).
@@ -29,7 +29,7 @@ _REDUCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # policy -> 
 def reducer_of(policy: Policy | None) -> Any:
     """The policy's ``n_v`` reducer (a ``dop.engine.baselines`` pre-LLM method), or ``None`` without ``n_v``.
     One instance per policy: a text-guided reducer keeps its encoded instruction between
-    ``prepare_inputs`` and the hooks."""
+    ``reduce_inputs`` and the hooks."""
     if policy is None or policy.n_v is None:
         return None
     method = _REDUCERS.get(policy)
@@ -43,11 +43,11 @@ def reducer_of(policy: Policy | None) -> Any:
     return method
 
 
-def prepare_inputs(model: nn.Module, inputs: Mapping[str, Any], policy: Policy | None) -> Mapping[str, Any]:
+def reduce_inputs(model: nn.Module, inputs: Mapping[str, Any], policy: Policy | None) -> Mapping[str, Any]:
     """The model inputs a policy runs on: the reducer's (fewer placeholders on LLaVA-1.5, a smaller
     image with ``resize``) with a front end; the inputs themselves otherwise."""
     reducer = reducer_of(policy)
-    return inputs if reducer is None else reducer.prepare_inputs(model, inputs, policy.n_v)
+    return inputs if reducer is None else reducer.reduce_inputs(model, inputs, policy.n_v)
 
 
 @contextlib.contextmanager

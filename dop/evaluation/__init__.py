@@ -1,25 +1,8 @@
-"""Evaluation: the lmms-eval plugin ``dop``, local tasks, the benchmark registry and the evaluate stage.
+"""Evaluation: the lmms-eval plugin ``dop`` (``plugin``), the inference helpers it shares with dop's
+own scoring loops (``scoring``), the benchmark registry (``benchmarks``), local tasks (``tasks``)
+and what the evaluate stage measures around lmms-eval (``runner``).
 
-Submodules are imported lazily (``dop.evaluation.plugin`` imports lmms-eval, which is slow to load).
+Owns everything between a model under a policy or baseline and a benchmark score. May import the
+engine, model access and the concepts; never the sweep or the search. Submodules are imported by
+name (``dop.evaluation.plugin`` pulls in lmms-eval, which is slow to load).
 """
-
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["DopLMM", "resolve", "score_synthetic", "write_task_dir"]
-
-_LAZY = {
-    "DopLMM": "dop.evaluation.plugin",
-    "resolve": "dop.evaluation.benchmarks",
-    "score_synthetic": "dop.evaluation.scoring",
-    "write_task_dir": "dop.evaluation.tasks",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dop.evaluation' has no attribute {name!r}")

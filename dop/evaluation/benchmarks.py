@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from dop.evaluation.tasks import default_paths
+
 BENCHMARK_DIR = Path(__file__).resolve().parents[2] / "conf" / "benchmark"
 
 
@@ -77,8 +81,6 @@ def known() -> list[str]:
 
 
 def _load_raw(name: str) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
     path = BENCHMARK_DIR / f"{name}.yaml"
     if not path.is_file():
         raise BenchmarkError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(known())}")
@@ -91,8 +93,6 @@ def from_mapping(d: Mapping[str, Any]) -> Benchmark:
     dataset_path = d.get("dataset_path")
     if isinstance(dataset_path, str) and "${" in dataset_path:
         # Unresolved Hydra interpolation (file read outside a composed config): use the default layout.
-        from dop.evaluation.tasks import default_paths
-
         dataset_path = str(default_paths()[0])
     return Benchmark(
         name=str(d["name"]), tasks=tuple(d["tasks"]), metric=str(d["metric"]),

@@ -18,10 +18,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import yaml
+from lmms_eval import utils as lmms_utils
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
+from dop.budget import parse_budgets
+from dop.engine.baselines import Method, get_method
+from dop.engine.baselines import known_methods as baseline_names
+from dop.engine.baselines.budget import match_budget
 from dop.evaluation import scoring
+from dop.models import load_model
+from dop.policy import Policy
 
 # The plugin's own methods; every registered baseline (``dop.engine.baselines.known_methods()``) is known too.
 KNOWN_METHODS: tuple[str, ...] = ("dense", "policy")
@@ -32,16 +40,14 @@ MODEL_NAME = "dop"
 
 def known_methods() -> list[str]:
     """``dense``, ``policy`` and the registered baselines."""
-    from dop.engine.baselines import known_methods as baselines
-
-    return [*KNOWN_METHODS, *baselines()]
+    return [*KNOWN_METHODS, *baseline_names()]
 
 
 def _check_method(method: str) -> str:
     if method == "dop":  # the search's policies: the policy path
         return "policy"
     if method not in known_methods():
-        raise ValueError(f"dop plugin: unknown method {method!r}; known methods: {', '.join(known_methods())}")
+        raise ValueError(f"dop plugin: unknown method {method!r}; valid methods: {', '.join(known_methods())}")
     return method
 
 
@@ -49,37 +55,16 @@ def _parse_knob(knob: Any) -> Any:
     """A knob from model_args: numbers arrive parsed; a string may be YAML (``[2,10,20]``)."""
     if not isinstance(knob, str):
         return knob
-    import yaml
-
     try:
         return yaml.safe_load(knob)
     except yaml.YAMLError:
         return knob
 
 
-def load_model_and_processor(pretrained: str, *, dtype: str | None = None, attn_implementation: str = "sdpa",
-                             device: str = "cpu"):
-    """``dop.models.load_model``; a plain ``from_pretrained`` of a local dir until that module exists."""
-    try:
-        from dop.models import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        return load_model(pretrained, dtype=dtype, attn_implementation=attn_implementation, device=device)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=torch_dtype,
-                                                        attn_implementation=attn_implementation)
-    return model.to(device).eval(), AutoProcessor.from_pretrained(pretrained)
-
-
 def load_policy(policy: Any):
     """A ``Policy`` from a path (YAML), a ``Policy``, or None (dense)."""
     if policy is None or policy == "" or policy == "none":
         return None
-    from dop.policy import Policy
-
     if isinstance(policy, Policy):
         return policy
     return Policy.from_yaml(str(policy))
@@ -120,8 +105,6 @@ class DopLMM(lmms):
             if unknown:
                 raise TypeError(f"dop plugin: unknown model_args {sorted(unknown)}")
         self.policy = load_policy(policy)
-        from dop.engine.baselines import Method
-
         # the baseline (a dop.engine.baselines.Method) and its knob; None for dense / policy
         self.baseline: Method | None = method if isinstance(method, Method) else None
         if self.baseline is not None:
@@ -138,16 +121,13 @@ class DopLMM(lmms):
         if not is_baseline and (knob is not None or budget is not None):
             raise ValueError(f"dop plugin: knob=/budget= are for baseline methods, not method={self.method}")
         if is_baseline and self.baseline is None:
-            from dop.engine.baselines import get_method
-
             self.baseline = get_method(self.method)
         if is_baseline and (knob is None) == (budget is None):
             raise ValueError(f"dop plugin: method={self.method} needs exactly one of knob=<value> or "
                              "budget=<kind>:<value> (e.g. budget=tokens:128)")
         if model is None:
-            model, processor = load_model_and_processor(pretrained, dtype=dtype,
-                                                        attn_implementation=attn_implementation,
-                                                        device=device or "cpu")
+            model, processor = load_model(pretrained, dtype=dtype, attn_implementation=attn_implementation,
+                                          device=device or "cpu")
         self.model = model.eval()
         self.processor = processor
         self.knob = _parse_knob(knob)
@@ -171,22 +151,16 @@ class DopLMM(lmms):
 
     def _match_budget(self, spec: str):
         """The knob for ``budget=<kind>:<value>`` on the stage's sample prompt (one image)."""
-        from dop.engine.baselines.budget import match_budget
-        from dop.budget import parse_budgets
-        from dop.evaluation.stage import sample_inputs, token_groups
-
         (budget,) = parse_budgets(spec)
-        groups = token_groups(self.model, sample_inputs(self.model, self.processor)["input_ids"])
+        groups = scoring.group_sizes(self.model, scoring.sample_inputs(self.model, self.processor)["input_ids"])
         return match_budget(self.baseline, self.model.config, groups, budget)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DopLMM:
         """Like lmms-eval's, but ``model_args`` win over the CLI's ``--batch_size``/``--device``
         (the base class passes both and fails with "multiple values for keyword argument")."""
-        from lmms_eval import utils
-
         args = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        args.update(utils.simple_parse_args_string(arg_string))
+        args.update(lmms_utils.simple_parse_args_string(arg_string))
         return cls(**args)
 
     # --- helpers -----------------------------------------------------------------------------
@@ -286,6 +260,8 @@ class DopLMM(lmms):
 
 def manifest():
     """Entry-point payload for ``lmms_eval.models`` (a callable, so lmms-eval imports it lazily)."""
-    from lmms_eval.models.registry_v2 import ModelManifest
+    # lmms_eval.models loads every plugin's entry point on import: importing it at the top of this
+    # module would call this function before the module exists (a cycle through lmms-eval)
+    from lmms_eval.models.registry_v2 import ModelManifest  # noqa: PLC0415
 
     return ModelManifest(model_id=MODEL_NAME, simple_class_path="dop.evaluation.plugin.DopLMM")  # dotted: lmms-eval rsplits on "."

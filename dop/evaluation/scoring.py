@@ -11,10 +11,19 @@ from __future__ import annotations
 import contextlib
 import re
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from datasets import load_from_disk
+from PIL import Image
+
+from dop.adapters import get_adapter
+from dop.engine import prune
+from dop.engine.front_end import reduce_inputs
+from dop.models import build_prompt as project_build_prompt
+from dop.models import encode_prompts
+from dop.policy import Policy
 
 # The prompt format of the embedded tiny model (tiny-model-notes.md); used only when neither
 # dop.models.build_prompt nor a processor chat template is available (e.g. random test models).
@@ -50,8 +59,6 @@ def build_prompt(processor: Any, question: str, num_images: int = 1) -> str:
     Literal image tokens in the question are removed first: lmms-eval tasks such as MMMU put
     ``<image>`` markers into the context, and the processor would count them as extra images.
     """
-    from dop.models import build_prompt as project_build_prompt
-
     tok = image_token(processor)
     question = " ".join(question.replace(tok, " ").split())
     if getattr(processor, "chat_template", None):
@@ -67,8 +74,6 @@ def build_prompt(processor: Any, question: str, num_images: int = 1) -> str:
 
 def encode(processor: Any, images: Sequence[Sequence[Any]], prompts: Sequence[str], device: Any, dtype: Any):
     """Left-padded batch for ``prompts``; ``images[i]`` are the PIL images of prompt i."""
-    from dop.models import encode_prompts
-
     flat = [im.convert("RGB") for ims in images for im in ims]
     batch = encode_prompts(processor, flat, list(prompts)).to(device)
     if "pixel_values" in batch and torch.is_floating_point(batch["pixel_values"]):
@@ -82,8 +87,6 @@ def pruned(model: Any, policy: Any) -> Iterator[None]:
     if policy is None or policy.is_identity:
         yield
         return
-    from dop.engine import prune  # imported lazily: dense evaluation works without the engine
-
     with prune(model, policy):
         yield
 
@@ -101,20 +104,18 @@ def running(model: Any, policy: Any = None, method: Any = None, knob: Any = None
         yield
 
 
-def prepare(model: Any, batch: Any, method: Any = None, knob: Any = None, policy: Any = None,
+def reduce_batch(model: Any, batch: Any, method: Any = None, knob: Any = None, policy: Any = None,
             instructions: Sequence[str] | None = None) -> Any:
-    """``method.prepare_inputs`` (pre-LLM methods shorten the prompt), or the policy's ``n_v`` front
+    """``method.reduce_inputs`` (pre-LLM methods shorten the prompt), or the policy's ``n_v`` front
     end (``dop.engine.front_end``); the batch itself otherwise. Called before entering ``running``, on every
     encoded batch. ``instructions`` (one question per row) reach text-guided methods (TRIM, CDPruner:
     ``method.needs_text``) as ``inputs["instruction"]``."""
     if method is not None:
         if instructions is not None and getattr(method, "needs_text", False):
             batch = {**batch, "instruction": list(instructions)}
-        return method.prepare_inputs(model, batch, knob)
+        return method.reduce_inputs(model, batch, knob)
     if policy is not None and policy.n_v is not None:
-        from dop.engine.front_end import prepare_inputs
-
-        return prepare_inputs(model, batch, policy)
+        return reduce_inputs(model, batch, policy)
     return batch
 
 
@@ -142,13 +143,13 @@ def generate_texts(
 ) -> list[str]:
     """Greedy continuations of one batch of prompts, cut at ``until``.
 
-    ``method``/``knob``: a baseline (``dop.engine.baselines``) instead of a policy; its ``prepare_inputs``
+    ``method``/``knob``: a baseline (``dop.engine.baselines``) instead of a policy; its ``reduce_inputs``
     runs on the encoded batch and generation runs under its ``apply``. ``instructions``: the bare
-    question of each prompt, for text-guided methods (``prepare``).
+    question of each prompt, for text-guided methods (``reduce_batch``).
     """
     batch = encode(processor, images, prompts, model.device, model.dtype)
     tokenizer = getattr(processor, "tokenizer", processor)
-    batch = prepare(model, batch, method, knob, policy, instructions)
+    batch = reduce_batch(model, batch, method, knob, policy, instructions)
     with running(model, policy, method, knob):
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
@@ -190,7 +191,7 @@ def continuation_logprobs(
     batch = encode(processor, images, full, model.device, model.dtype)
     ids = batch["input_ids"]
     # a pre-LLM method shortens the image span; the left-padded rows still end in the continuation
-    prepared = prepare(model, batch, method, knob, policy, instructions)
+    prepared = reduce_batch(model, batch, method, knob, policy, instructions)
     with running(model, policy, method, knob):
         logits = model(**prepared).logits.float()
     results = []
@@ -202,6 +203,23 @@ def continuation_logprobs(
         greedy = bool((logp.argmax(-1) == target).all())
         results.append((float(total), greedy))
     return results
+
+
+# --- the sample prompt (FLOPs, latency, budget matching) -----------------------------------------
+SAMPLE_QUESTION = "what is in the image ?"
+
+
+def sample_inputs(model: Any, processor: Any):
+    """One prompt + grey image (the size the processor expects) for FLOPs and prefill latency."""
+    image = Image.new("RGB", (336, 336), (128, 128, 128))
+    prompt = build_prompt(processor, SAMPLE_QUESTION)
+    return encode(processor, [[image]], [prompt], model.device, model.dtype)
+
+
+def group_sizes(model: Any, input_ids: torch.Tensor) -> dict[str, int]:
+    """Group sizes of one unpadded sample, by the model's adapter (design.md section 3)."""
+    groups = get_adapter(model).token_groups(input_ids[:1])
+    return {name: int(mask.sum()) for name, mask in groups.items()}
 
 
 # --- the direct loop -----------------------------------------------------------------------------
@@ -225,8 +243,6 @@ def score_synthetic(
     Returns ``{"accuracy", "n", "per_qtype": {qtype: accuracy}, "predictions": [...]}``.
     """
     if isinstance(dataset, str) or hasattr(dataset, "__fspath__"):
-        from datasets import load_from_disk
-
         dataset = load_from_disk(str(dataset))
     if hasattr(dataset, "keys") and split in dataset:
         dataset = dataset[split]
@@ -252,3 +268,55 @@ def score_synthetic(
         "per_qtype": {k: sum(v) / len(v) for k, v in sorted(per_type.items())},
         "predictions": predictions,
     }
+
+
+def calibration_answers(samples: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The reference answer of every calibration sample; an error naming those without one."""
+    missing = [str(s.get("id", i)) for i, s in enumerate(samples)
+               if s.get("answer") is None or str(s.get("answer")).strip() == ""]
+    if missing:
+        raise ValueError(
+            f"objective=accuracy needs a reference answer for every calibration sample; {len(missing)} of "
+            f"{len(samples)} have no 'answer' (e.g. {missing[:3]}); use data whose calibration split has "
+            "answers, or method.objective=kl")
+    return [str(s["answer"]) for s in samples]
+
+
+def calibration_accuracy(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Mapping[str, Any]],
+    policies: Mapping[str, Policy],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 5,
+    until: Sequence[str] = ("\n",),
+) -> dict[str, float]:
+    """Exact-match accuracy of each policy's greedy answers on the calibration samples, with the
+    prompts and decoding of ``dop.evaluation.scoring.score_synthetic`` (policies via the engine)."""
+    answers = calibration_answers(samples)
+    prompts = [build_prompt(processor, str(s["question"])) for s in samples]
+    images = [[s["image"]] for s in samples]
+    out = {}
+    for name, policy in policies.items():
+        correct = 0.0
+        for start in range(0, len(samples), batch_size):
+            stop = start + batch_size
+            texts = generate_texts(model, processor, images[start:stop], prompts[start:stop],
+                                   max_new_tokens=max_new_tokens, until=until, policy=policy)
+            correct += sum(exact_match(t, a) for t, a in zip(texts, answers[start:stop]))
+        out[name] = correct / len(samples)
+    return out
+
+
+def compare_on_synthetic(
+    model: Any,
+    processor: Any,
+    dataset: Any,
+    policies: Mapping[str, Policy | None],
+    limit: int | None = None,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Test-split exact-match accuracy of each policy (``None`` = dense)."""
+    return {name: score_synthetic(model, processor, dataset, policy=policy, batch_size=batch_size,
+                                  limit=limit)["accuracy"] for name, policy in policies.items()}

@@ -7,7 +7,7 @@ come from its per-layer group sizes (``schedule``) through ``dop.flops``, the sa
 - ``kind = "in_llm"``: ``selectors(...)`` returns engine selectors (``before_layer(ctx)``) that drop
   rows per sample from a layer on (FastV, PyramidDrop, SparseVLM, DART, VTW).
 - ``kind = "pre_llm"``: the method picks (and may merge) visual tokens before the decoder and the
-  model runs on the shorter sequence (``prepare_inputs`` + hooks installed by ``apply``).
+  model runs on the shorter sequence (``reduce_inputs`` + hooks installed by ``apply``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Method:
     def selectors(self, model: nn.Module, knob: Any) -> list[Any]:
         return []
 
-    def prepare_inputs(self, model: nn.Module, inputs: Mapping[str, Any], knob: Any) -> Mapping[str, Any]:
+    def reduce_inputs(self, model: nn.Module, inputs: Mapping[str, Any], knob: Any) -> Mapping[str, Any]:
         """Pre-LLM methods shorten the prompt here; in-LLM methods return the inputs unchanged."""
         return inputs
 

@@ -23,7 +23,7 @@ the crop's CLIP patch embeddings to the text, **min-max normalised over the whol
 crops of the image at the official batch size 1, padded patches included); DPP greedy MAP of
 ``visual_token_num`` patches per crop. dop does the same, with these differences:
 
-- the image's sample comes from ``prepare_inputs`` (``vision_access_next.image_samples``), so the
+- the image's sample comes from ``reduce_inputs`` (``vision_access_next.image_samples``), so the
   min-max runs over each image's own crops (= official at batch size 1; with batches the official
   code mixes images, and sends one text for the batch);
 - ``k`` is per image, split over its crops by ``crop_quotas`` (official: the same count per crop);

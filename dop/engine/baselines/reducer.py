@@ -6,7 +6,7 @@ sequence, so every decoder layer sees ``k`` visual tokens (``schedule``).
 
 How it runs on one model instance (nothing is patched, every hook is removed on exit):
 
-- ``prepare_inputs(model, inputs, k)`` rewrites ``input_ids``/``attention_mask`` so that each image
+- ``reduce_inputs(model, inputs, k)`` rewrites ``input_ids``/``attention_mask`` so that each image
   has exactly ``k`` ``<image>`` placeholders (the padding side of the batch is kept).
 - ``apply(model, k)`` installs, for the block:
   * forward pre-hooks on the ``self_attn`` of the vision-tower layers the method reads; they keep
@@ -281,8 +281,8 @@ class ReducerMethod(Method):
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
-        self._texts: list[Any] | None = None  # per sample, from prepare_inputs (text-guided methods)
-        self._image_samples: torch.Tensor | None = None  # per image, its sample (from prepare_inputs)
+        self._texts: list[Any] | None = None  # per sample, from reduce_inputs (text-guided methods)
+        self._image_samples: torch.Tensor | None = None  # per image, its sample (from reduce_inputs)
         # last call's kept token indices: (n, k) on LLaVA; per image a (k,) tensor on Qwen-VL
         self.last_selection: torch.Tensor | list[torch.Tensor] | None = None
         self.pruner: Any = None  # Qwen-VL: the engine pruner of the current ``apply`` (kept_masks)
@@ -336,7 +336,7 @@ class ReducerMethod(Method):
         with cls(model, self, max(int(knob), 0)) as selector:
             yield selector
 
-    def prepare_inputs(self, model: nn.Module, inputs: Mapping[str, Any], knob: Any) -> Mapping[str, Any]:
+    def reduce_inputs(self, model: nn.Module, inputs: Mapping[str, Any], knob: Any) -> Mapping[str, Any]:
         self.check_model(model)
         out = dict(inputs)
         instruction = out.pop("instruction", None)
@@ -409,7 +409,7 @@ class ReducerMethod(Method):
             if int(per_sample.sum()) != n_img * k:
                 raise MethodError(f"method {self.name!r} at keep={k}: the prompt has {int(per_sample.sum())} image "
                                   f"placeholders for {n_img} image(s); run inputs through "
-                                  "method.prepare_inputs(model, inputs, keep) first")
+                                  "method.reduce_inputs(model, inputs, keep) first")
 
         handles.append(model.model.register_forward_pre_hook(check_prompt, with_kwargs=True))
         projector = model.model.multi_modal_projector
@@ -433,7 +433,7 @@ class ReducerMethod(Method):
             if self.needs_text:
                 samples = self._image_samples
                 if self._texts is None or samples is None or len(samples) != feats.shape[0]:
-                    raise MethodError(f"method {self.name!r}: no instruction encoded; call prepare_inputs first")
+                    raise MethodError(f"method {self.name!r}: no instruction encoded; call reduce_inputs first")
                 texts = [self._texts[int(s)] for s in samples]
             ctx = VisionContext(model=model, features=feats, projected=output, cls_hidden=cap["cls"],
                                 attn_inputs=dict(cap["attn"]), texts=texts, _project=project)
@@ -466,7 +466,7 @@ class TextGuidedReducer(ReducerMethod):
     ``"tiny_clip_text"``, resolved by ``dop.models.resolve_path`` to ``dop/assets/tiny_clip_text``;
     ``conf/model/*.yaml: clip_text_tower`` names each model's) or a ``CLIPModel`` instance.
     ``text_tokenizer``: its tokenizer (default: loaded from ``text_tower`` when that is a path).
-    The instruction comes from ``inputs["instruction"]`` (one string per sample) in ``prepare_inputs``.
+    The instruction comes from ``inputs["instruction"]`` (one string per sample) in ``reduce_inputs``.
 
     The modules used (``text_model``, ``text_projection``, ``visual_projection``) are moved to the
     device of the LLaVA vision tower in ``check_model`` and keep their own dtype (fp32 when loaded from

@@ -76,7 +76,7 @@ class InputResize(Method):
         k = min(check_int("knob (visual tokens)", knob, 0, method=self.name), int(groups.get(VISION, 0)))
         return uniform_schedule({**groups, VISION: k}, num_layers, {})
 
-    def prepare_inputs(self, model: nn.Module, inputs: Mapping[str, Any], knob: Any) -> Mapping[str, Any]:
+    def reduce_inputs(self, model: nn.Module, inputs: Mapping[str, Any], knob: Any) -> Mapping[str, Any]:
         self.check_model(model)
         k = check_int("knob (visual tokens)", knob, 1, method=self.name)
         out = {key: v for key, v in inputs.items() if key != "instruction"}
@@ -151,6 +151,6 @@ class InputResize(Method):
 
     @contextmanager
     def apply(self, model: nn.Module, knob: Any) -> Iterator[Any]:
-        self.check_model(model)  # the work is all in prepare_inputs: nothing to install
+        self.check_model(model)  # the work is all in reduce_inputs: nothing to install
         yield self
 

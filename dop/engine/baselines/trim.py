@@ -18,7 +18,7 @@ The official TRIM code has no LLaVA-NeXT path (its ``token_reduction`` runs on w
 tower gets; on NeXT's crops it would keep a pooled token per crop and break the spatial packing), so
 dop decides:
 
-- the image's sample is known from ``prepare_inputs`` (``vision_access_next.image_samples``: each
+- the image's sample is known from ``reduce_inputs`` (``vision_access_next.image_samples``: each
   image's packed-row count from transformers' packing, matched against each sample's placeholders);
 - per crop, each patch's score is the negated cosine of its CLIP embedding (that crop's vision-tower
   features -> the tower's ``post_layernorm`` -> ``visual_projection``) with the sample's text

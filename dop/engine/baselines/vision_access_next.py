@@ -50,7 +50,7 @@ What dop does (``k`` is per image, so FLOPs ``schedule`` = ``k`` visual rows per
   re-numbered contiguously).
 
 Text-guided methods (TRIM, CDPruner: ``needs_text``). transformers 5 ``generate`` encodes the images
-before ``model.model`` runs, so ``prepare_inputs`` maps images to samples (``image_samples``: each
+before ``model.model`` runs, so ``reduce_inputs`` maps images to samples (``image_samples``: each
 image's packed-row count, from ``image_size_to_num_patches`` and transformers' packing, matched in
 order against each sample's placeholders; the prompt is unchanged). Per image, the method's
 ``next_relevance`` scores every patch of all its crops (the crops' vision-tower features -> the
@@ -222,7 +222,7 @@ class NextVisualReducer(QwenVisualReducer):
                            grid=(1, len(rows), 1), features=ctx["features"][c, p], text=text, relevance=rel)
 
     def _image_texts(self, n_images: int) -> list[torch.Tensor] | None:
-        """Text-guided methods: per image, its sample's text embeddings (``prepare_inputs`` encoded the
+        """Text-guided methods: per image, its sample's text embeddings (``reduce_inputs`` encoded the
         instructions and mapped images to samples, ``image_samples``)."""
         m = self.method
         if not getattr(m, "needs_text", False):
@@ -230,7 +230,7 @@ class NextVisualReducer(QwenVisualReducer):
         samples = getattr(m, "_image_samples", None)
         if m._texts is None or samples is None or len(samples) != n_images:
             raise MethodError(f"method {self.name!r}: no instruction encoded for the {n_images} image(s) of this "
-                              "call; run inputs (with inputs['instruction']) through method.prepare_inputs first")
+                              "call; run inputs (with inputs['instruction']) through method.reduce_inputs first")
         return [m._texts[int(s)] for s in samples]
 
     def _project(self, feats: torch.Tensor) -> torch.Tensor:

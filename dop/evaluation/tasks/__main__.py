@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from dop.data.synthetic import ensure_dataset
 from dop.evaluation.tasks import default_paths, write_task_dir
 
 
@@ -20,13 +21,7 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         out = Path(argv[1])
     if not dataset.exists():
-        try:
-            from dop.data.synthetic import ensure_dataset
-        except ImportError:
-            print(f"dop: {dataset} does not exist and dop.data.synthetic is not available; "
-                  "the task dir is written anyway", file=sys.stderr)
-        else:
-            dataset = ensure_dataset(dataset)
+        dataset = ensure_dataset(dataset)
     print(write_task_dir(dataset, out).resolve())
     return 0
 

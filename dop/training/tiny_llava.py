@@ -10,14 +10,13 @@ over the last part, gradient clipping.
 Every batch is a function of (seed, global step) only (``batch_for_step``), so a run resumed from
 ``last.ckpt`` sees exactly the batches it would have seen uninterrupted.
 
-Entry points: ``dop stage=train`` (``run(cfg)``) and ``train_tiny_llava(out_dir, ...)``.
+Entry points: ``dop stage=train`` (``dop.stages.train``) and ``train_tiny_llava(out_dir, ...)``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import warnings
 from collections import defaultdict
@@ -493,58 +492,3 @@ def train_tiny_llava(out_dir, seed: int = 1, steps: int = 6000, *, run_dir=None,
         info["test"] = {k: v for k, v in res.items() if k != "predictions"}
         (run_dir / "train_info.json").write_text(json.dumps(info, indent=2))
     return info
-
-
-def run(cfg):
-    """Hydra stage ``dop stage=train``: knobs in ``cfg.train``; data in ``cfg.data``; writes
-    ``last.ckpt`` and ``train_info.json`` under ``cfg.paths.run_dir`` and the model to
-    ``cfg.train.out_dir`` (default ``<run_dir>/model``)."""
-    from omegaconf import OmegaConf
-
-    t = OmegaConf.to_container(cfg.train, resolve=True)
-    run_dir = Path(cfg.paths.run_dir)
-    out_dir = t.pop("out_dir", None) or run_dir / "model"
-    t.pop("resume", None)
-    threads = cfg.get("num_threads", None)
-    if threads:
-        t["num_threads"] = int(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(t.get("num_threads", 1)))
-    if "seed" not in t or t["seed"] is None:
-        t["seed"] = int(cfg.get("seed", 0))
-    tc = _as_train_config(**t)
-    _, info = fit(tc, run_dir, out_dir, resume=bool(cfg.train.get("resume", True)))
-    data = cfg.get("data", None)
-    if data is not None and data.get("name") == "synthetic":
-        path = syn.ensure_from_config(data)
-        test = syn.load_dataset_dir(path)["test"]
-        from dop.models import load_model
-
-        model, proc = load_model(str(out_dir), dtype="float32")
-        res = evaluate_accuracy(model, proc, test)
-        info["test"] = {k: v for k, v in res.items() if k != "predictions"}
-        info["chance"] = syn.chance_accuracy(test)
-        log.info("test accuracy %.4f (chance %.3f, blind %.3f)", res["accuracy"], info["chance"]["chance"],
-                 info["chance"]["blind"])
-    (run_dir / "train_info.json").write_text(json.dumps(info, indent=2))
-    return info
-
-
-def main(argv=None):
-    """``python -m dop.train OUT_DIR [STEPS] [SEED] [--qtype-weights JSON] [--run-dir DIR]``."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m dop.train", description=main.__doc__)
-    ap.add_argument("out_dir")
-    ap.add_argument("steps", nargs="?", type=int, default=6000)
-    ap.add_argument("seed", nargs="?", type=int, default=0)
-    ap.add_argument("--qtype-weights", type=json.loads, default=None, help='e.g. \'{"exists": 4}\'')
-    ap.add_argument("--run-dir", default=None)
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    kw = {} if a.qtype_weights is None else {"qtype_weights": a.qtype_weights}
-    info = train_tiny_llava(a.out_dir, seed=a.seed, steps=a.steps, run_dir=a.run_dir, **kw)
-    print(json.dumps(info, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -12,18 +12,24 @@ W&B gets one run for the whole job. A run directory made by another configuratio
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from dop.data.synthetic import ensure_from_config
 from dop.io import atomic_write_json
+from dop.policy import Policy
+from dop.results import ResultsStore
+from dop.stages import evaluate, report, search
+from dop.stages.config import PipelineStage, benchmarks_of, load
+from dop.tracking import log_metrics, start_run
 
 log = logging.getLogger("dop.pipeline")
 
@@ -36,19 +42,22 @@ class RunDirError(RuntimeError):
     """The run directory belongs to another configuration."""
 
 
-def identity(cfg: DictConfig) -> dict[str, Any]:
+def identity(conf: PipelineStage) -> dict[str, Any]:
+    """The settings a run directory's sweep and policies depend on (``_IDENTITY_KEYS``)."""
     out = {}
     for key in _IDENTITY_KEYS:
-        value = OmegaConf.select(cfg, key, default=None)
-        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        value: Any = conf
+        for part in key.split("."):
+            value = getattr(value, part)
+        out[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
     return out
 
 
-def check_run_dir(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+def check_run_dir(run_dir: Path, conf: PipelineStage) -> dict[str, Any]:
     """Record this config's identity in ``<run>/pipeline.json``, or refuse a different one."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "pipeline.json"
-    mine = identity(cfg)
+    mine = identity(conf)
     digest = hashlib.sha256(json.dumps(mine, sort_keys=True, default=str).encode()).hexdigest()[:16]
     if path.exists():
         theirs = json.loads(path.read_text())
@@ -64,59 +73,41 @@ def check_run_dir(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     return mine
 
 
-def _with(cfg: DictConfig, **updates: Any) -> DictConfig:
-    """A copy of ``cfg`` with dotted keys set (struct mode off: stages read optional keys)."""
-    out = copy.deepcopy(cfg)
-    OmegaConf.set_struct(out, False)
-    for key, value in updates.items():
-        OmegaConf.update(out, key, value, force_add=True)
-    return out
-
-
-def _resolved(cfg: DictConfig) -> DictConfig:
-    """Resolve ``${hydra:...}`` interpolations now, so copies work outside Hydra's context too."""
-    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from dop.evaluation.stage import run as evaluate
-    from dop.report import run as report
-    from dop.search import run as search
-    from dop.tracking import log_metrics, start_run
+    """``dop`` / ``dop stage=pipeline``."""
+    return execute(load(PipelineStage, cfg), config=cfg)
 
-    cfg = _resolved(cfg)
-    run_dir = Path(cfg.paths.run_dir)
-    check_run_dir(run_dir, cfg)
-    (run_dir / "command.txt").write_text(" ".join(__import__("sys").argv) + "\n")
+
+def execute(conf: PipelineStage, config: Any = None) -> dict[str, Any]:
+    run_dir = Path(conf.paths.run_dir)
+    check_run_dir(run_dir, conf)
+    (run_dir / "command.txt").write_text(" ".join(sys.argv) + "\n")
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    with start_run(cfg, "pipeline", run_dir, outer=True) as wb:
+    with start_run(conf.logger, "pipeline", run_dir, config, outer=True) as wb:
         t = time.perf_counter()
-        _ensure_data(cfg)
+        if conf.data.kind == "synthetic":
+            ensure_from_config(conf.data)
         timings["data_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         print("[dop] 1/4 dense reference + divergence sweep + search")
-        found = search(_with(cfg, **{"sweep.run_dir": str(run_dir)}))
+        found = search.execute(conf.search_stage(str(run_dir)))
         timings["search_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         print("[dop] 2/4 evaluate dense")
-        evaluate(_with(cfg, policy=None, **{"paths.run_dir": str(run_dir / "evaluate" / "dense")}))
+        evaluate.execute(conf.evaluate_stage(str(run_dir / "evaluate" / "dense"), policy=None))
         print("[dop] 3/4 evaluate the found policies")
-        evaluate(_with(cfg, policy=str(run_dir / "policies"),
-                                **{"paths.run_dir": str(run_dir / "evaluate" / "policies")}))
+        evaluate.execute(conf.evaluate_stage(str(run_dir / "evaluate" / "policies"), policy=str(run_dir / "policies")))
         timings["evaluate_s"] = time.perf_counter() - t
 
         print("[dop] 4/4 report")
         # This run's cells, read back from the store: cells skipped as already done count too.
-        records = run_records(cfg, run_dir)
-        report_cfg = _with(cfg, report_filter={"model": str(cfg.model.name),
-                                               "benchmark": sorted({r["benchmark"] for r in records}),
-                                               "policy_hash": sorted({r["policy_hash"] for r in records},
-                                                                     key=str)},
-                           **{"paths.run_dir": str(run_dir / "report")})
-        paths = report(report_cfg)
+        records = run_records(conf, run_dir)
+        report_filter = {"model": conf.model.name, "benchmark": sorted({r["benchmark"] for r in records}),
+                         "policy_hash": sorted({r["policy_hash"] for r in records}, key=str)}
+        paths = report.execute(conf.report_stage(str(run_dir / "report"), report_filter))
         timings["total_s"] = time.perf_counter() - started
         log_metrics(wb, {f"pipeline/{k}": v for k, v in timings.items()})
 
@@ -129,32 +120,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print(f"  policies:  {run_dir / 'policies'}")
     print(f"  search:    {run_dir / 'search.json'}")
     print(f"  report:    {paths['markdown']}, {paths['csv']}, {paths['plot']}")
-    print(f"  results:   {cfg.paths.results_dir}")
+    print(f"  results:   {conf.paths.results_dir}")
     print(f"  took {timings['total_s']:.0f} s")
     return {"search": found, "records": records, "report": paths, "timings": timings}
 
 
-def run_records(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
+def run_records(conf: PipelineStage, run_dir: Path) -> list[dict[str, Any]]:
     """The newest store records of this run: dense and the policies in ``<run>/policies``."""
-    from dop.evaluation.benchmarks import resolve
-    from dop.policy import Policy
-    from dop.results import ResultsStore
-
     hashes = {None} | {Policy.from_yaml(p).digest() for p in sorted((run_dir / "policies").glob("*.yaml"))}
-    benchmarks = {b.name for b in resolve(cfg.benchmark, check=False)}
-    model = str(cfg.model.name)
-    latest = ResultsStore(cfg.paths.results_dir).latest().values()
+    benchmarks = {b.name for b in benchmarks_of(conf.benchmark, check=False)}
+    latest = ResultsStore(conf.paths.results_dir).latest().values()
     return [dataclasses.asdict(r) for r in latest
-            if r.model == model and r.benchmark in benchmarks and r.policy_hash in hashes
+            if r.model == conf.model.name and r.benchmark in benchmarks and r.policy_hash in hashes
             and (r.policy_hash is not None or r.method == "dense")]
-
-
-def _ensure_data(cfg: DictConfig) -> None:
-    if str(cfg.data.get("name")) != "synthetic":
-        return
-    from dop.data.synthetic import ensure_from_config
-
-    ensure_from_config(cfg.data)
 
 
 def summarize(found: dict[str, Any], records: list[dict[str, Any]]) -> str:

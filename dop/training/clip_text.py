@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -43,76 +42,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dop.clip_tokenizer import clip_tokenizer
 from dop.data import synthetic as syn
-from dop.train import StepIndex
+from dop.training.tiny_llava import StepIndex
 
 log = logging.getLogger("dop.clip_text")
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # words of the captions that are not in the benchmark's own vocabulary
 CAPTION_WORDS = ("and", "left", "a", "an", "image", "objects")
 MAX_POSITIONS = 32  # the longest caption (four objects with cells) is 22 tokens
 
 
-# --------------------------------------------------------------------------------------------
-# Tokenizer: a byte-level BPE CLIPTokenizer whose merges spell a given word list (no download)
-# --------------------------------------------------------------------------------------------
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte -> printable unicode symbol table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
-def _pieces(word: str) -> list[str]:
-    """How CLIP's pre-tokenizer cuts a lower-case ASCII word (letters, digits, other runs):
-    ``top_left`` -> ``top``, ``_``, ``left``."""
-    return re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", word.lower())
 
 
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Byte-pair encoding of one piece: repeatedly merge the adjacent pair of lowest rank."""
-    while len(symbols) > 1:
-        pairs = [(ranks.get((a, b), None), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
-        pairs = [(r, i) for r, i in pairs if r is not None]
-        if not pairs:
-            break
-        _, i = min(pairs)
-        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2:]]
-    return symbols
 
 
-def clip_vocab(words: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(vocab, merges) of a small CLIP byte-level BPE in which every piece of ``words`` is one token.
-
-    Laid out like OpenAI CLIP's vocabulary: the 256 byte symbols, the same with ``</w>``, the merged
-    symbols, then ``<|startoftext|>`` and ``<|endoftext|>`` last (the largest id). Merges are added
-    word by word: the piece is first encoded with the merges so far, then its remaining symbols are
-    merged left to right by new (lowest-priority) merges, so earlier words keep their encoding."""
-    symbols = list(_bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols]
-    known = set(tokens)
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for word in words:
-        for piece in _pieces(word):
-            parts = _bpe(list(piece[:-1]) + [piece[-1] + "</w>"], ranks)
-            while len(parts) > 1:
-                merge = (parts[0], parts[1])
-                ranks[merge] = len(merges)
-                merges.append(merge)
-                parts = [parts[0] + parts[1], *parts[2:]]
-                if parts[0] not in known:
-                    known.add(parts[0])
-                    tokens.append(parts[0])
-    tokens += [BOS, EOS]
-    return {t: i for i, t in enumerate(tokens)}, merges
 
 
 def synthetic_words(grid: int = 2) -> list[str]:
@@ -120,13 +66,6 @@ def synthetic_words(grid: int = 2) -> list[str]:
     return list(dict.fromkeys([*syn.vocabulary(grid), *CAPTION_WORDS]))
 
 
-def clip_tokenizer(words: Sequence[str] | None = None, model_max_length: int = MAX_POSITIONS):
-    """A ``CLIPTokenizer`` (byte-level BPE, pad = ``<|endoftext|>``) for ``words`` (default: the
-    synthetic vocabulary, ``synthetic_words``). Other words still tokenize, byte by byte."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = clip_vocab(synthetic_words() if words is None else words)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +305,7 @@ def train(out_dir, cfg: ClipTextConfig | None = None, llava: str = "tiny_llava",
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = load_model(llava, dtype="float32")
-    tokenizer = clip_tokenizer(model_max_length=cfg.max_positions)
+    tokenizer = clip_tokenizer(synthetic_words(), model_max_length=cfg.max_positions)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     clip = build_clip(model, tokenizer, cfg)
     module = make_module(cfg, clip, tokenizer, processor.image_processor)

@@ -1,0 +1,481 @@
+"""The stages' typed configuration: one dataclass per config group (``conf/<group>/``) and one per
+stage, filled strictly from the composed Hydra config by ``load``.
+
+    conf = load(SearchStage, cfg)          # a ConfigError naming the key if anything does not fit
+    conf.method.grid_step, conf.budgets    # typed: ints, lists, Budget objects
+
+Defaults live in the YAML files; a field has a default here only when its key is optional in the
+YAML (e.g. ``benchmark.members`` exists only for suites). Values with a closed set of choices are
+``Literal`` and fail with the valid ones listed. The stages are the only code that calls ``load``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_type_hints
+
+from omegaconf import DictConfig
+
+from dop.budget import Budget, BudgetError, parse_budgets
+from dop.evaluation.benchmarks import Benchmark, BenchmarkError
+from dop.evaluation.benchmarks import resolve as resolve_benchmarks
+from dop.stages.schema import ConfigError, convert, plain, typed
+from dop.tracking import LoggerConfig
+from dop.training.tiny_llava import TinyArch
+
+T = TypeVar("T")
+Device = str  # auto | cpu | cuda | cuda:N (checked by check_device)
+
+
+# --------------------------------------------------------------------------------------------
+# Groups
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PathsConfig:
+    root_dir: str
+    output_dir: str
+    data_dir: str
+    results_dir: str
+    run_dir: str
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    pretrained: str  # a load_model name (tiny_llava), a hub id or a local path
+    family: str
+    dtype: str | None
+    attn_implementation: str
+    hf_id: str | None
+    clip_text_tower: str | None
+    revision: str | None  # hub revision; null: a hash of a local checkpoint is recorded
+
+
+@dataclass
+class _SyntheticSettings:
+    """The synthetic set's settings, in every data config (conf/data/*.yaml include synthetic):
+    training and benchmark=synthetic read them whatever the calibration source."""
+
+    name: str
+    path: str | None
+    seed: int
+    grid: int
+    image_size: int
+    sizes: dict[str, int]
+    calibration_split: str | None
+
+
+@dataclass
+class SyntheticDataConfig(_SyntheticSettings):
+    """The synthetic image-QA set (``dop.data.synthetic``): built at ``path`` on first use."""
+
+    @property
+    def kind(self) -> str:
+        return "synthetic"
+
+
+@dataclass
+class DiskDataConfig(_SyntheticSettings):
+    """Calibration samples from a dataset on disk (``dop.data.calibration``)."""
+
+    kind: Literal["disk"]
+    split: str | None
+    data_files: Any
+    image_column: str
+    question_column: str
+    id_column: str | None
+    shuffle_seed: int | None
+
+
+@dataclass
+class LmmsTaskDataConfig(_SyntheticSettings):
+    """Calibration samples from the docs of an lmms-eval task (``dop.data.calibration``)."""
+
+    kind: Literal["lmms_eval"]
+    task: str | None
+    include_path: str | None
+    split: str | None
+    shuffle_seed: int | None
+
+
+DataConfig = SyntheticDataConfig | DiskDataConfig | LmmsTaskDataConfig
+_DATA_KINDS: dict[str, type] = {"synthetic": SyntheticDataConfig, "disk": DiskDataConfig,
+                                "lmms_eval": LmmsTaskDataConfig}
+
+
+@dataclass
+class DopMethodConfig:
+    """``method=dop``: the search space, the calibration objective and the solver."""
+
+    name: Literal["dop"]
+    groups: list[str]
+    types: list[str]
+    pairs: list[str] | None
+    grid_step: int
+    interpolation: Literal["linear"]
+    objective: Literal["kl", "accuracy"]
+    accuracy_max_new_tokens: int | None
+    response_tokens: int
+    num_calibration: int
+    solver: Literal["exact", "greedy"]
+    convention: Literal["dop", "fastv", "pdrop"]
+    flops_groups: dict[str, int | float] | None
+    measure: bool
+    check_additive: int
+    n_v: list[int | float] | None
+    reducer: str
+
+    def __post_init__(self) -> None:
+        for name in ("grid_step", "response_tokens", "num_calibration"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"method.{name}={getattr(self, name)} is not valid; it must be >= 1")
+        if self.check_additive < 0:
+            raise ConfigError(f"method.check_additive={self.check_additive} is not valid; it must be >= 0")
+
+
+@dataclass
+class BaselineMethodConfig:
+    """A baseline (``dop.engine.baselines``): its registry name and hyper-parameters (checked by the
+    method class itself, which lists the valid ones)."""
+
+    name: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+
+MethodConfig = DopMethodConfig | BaselineMethodConfig
+POLICY_METHODS: tuple[str, ...] = ("dop", "dense", "policy")  # evaluate a policy file (or dense), not a baseline
+
+
+@dataclass
+class SweepConfig:
+    run_dir: str | None
+    dir: str | None
+    shard: int
+    num_shards: int
+    merge_from: list[str]
+    reuse: Literal["none", "prefix", "half_layer"]
+    hidden_store: Literal["memory", "disk"]
+    batch_size: int
+    accelerator: str
+    devices: int | str | list[int]
+    strategy: str
+    precision: int | str
+    progress_bar: bool
+    num_nodes: int | None = None  # multi-node DDP (launcher settings); absent: Lightning's default
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 1 or not 0 <= self.shard < self.num_shards:
+            raise ConfigError(f"sweep.shard={self.shard} of sweep.num_shards={self.num_shards} is not valid; "
+                              "need 0 <= shard < num_shards")
+        if self.batch_size < 1:
+            raise ConfigError(f"sweep.batch_size={self.batch_size} is not valid; it must be >= 1")
+
+
+@dataclass
+class BudgetConfig:
+    kind: str
+    values: list[float]
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str
+    limit: int | float | None
+    batch_size: int
+    tasks: list[str] | None = None
+    metric: str | None = None
+    metrics: list[str] | None = None
+    sum_of: list[str] | None = None
+    needs_api_key: str | None = None
+    needs_server: bool = False
+    dataset_path: str | None = None
+    notes: str = ""
+    members: list[str] | None = None  # a suite (paper13)
+
+
+@dataclass
+class TrainSection:
+    """``conf/train``: ``dop.training.tiny_llava.TrainConfig`` plus where the run writes."""
+
+    seed: int
+    steps: int
+    stage1_steps: int
+    batch_size: int
+    caption_mix: float
+    qtype_weights: dict[str, float] | None
+    lr_lm: float
+    lr_vision: float
+    weight_decay: float
+    betas: list[float]
+    warmup_steps: int
+    decay_fraction: float
+    grad_clip: float
+    aux_weight: float
+    ckpt_every: int
+    eval_every: int
+    eval_samples: int
+    num_threads: int
+    progress_bar: bool
+    resume: bool
+    out_dir: str | None
+    arch: TinyArch
+
+
+@dataclass
+class BenchConfig:
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    n_system: int
+    n_vision: int
+    n_instruction: int
+    dtype: Literal["float32", "bfloat16", "float16"]
+    repeats: int
+    methods: list[str] | str
+    budget: str | None
+
+    @property
+    def slice_shape(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
+                                              "num_kv_heads", "n_system", "n_vision", "n_instruction")}
+
+
+@dataclass
+class CompareConfig:
+    run_dir: str
+    limit: int | None
+    random: int
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SweepStage:
+    """``dop stage=sweep`` and ``dop stage=merge``."""
+
+    model: ModelConfig
+    data: DataConfig
+    method: DopMethodConfig
+    sweep: SweepConfig
+    paths: PathsConfig
+    logger: LoggerConfig
+    seed: int
+    device: Device
+    num_threads: int | None
+
+
+@dataclass
+class SearchStage(SweepStage):
+    """``dop stage=search``: the sweep (when missing) and one solve per budget."""
+
+    budget: BudgetConfig
+
+    @property
+    def budgets(self) -> list[Budget]:
+        return budgets_of(self.budget)
+
+
+@dataclass
+class EvaluateStage:
+    """``dop stage=evaluate``: dense, policy files or a baseline at each budget, on benchmarks."""
+
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig
+    budget: BudgetConfig
+    benchmark: BenchmarkConfig
+    policy: str | None
+    paths: PathsConfig
+    logger: LoggerConfig
+    device: Device
+    num_threads: int | None
+    overwrite: bool
+    fail_on_error: bool
+    eval_batch_size: int | None
+
+    @property
+    def budgets(self) -> list[Budget]:
+        return budgets_of(self.budget)
+
+    @property
+    def benchmarks(self) -> list[Benchmark]:
+        return benchmarks_of(self.benchmark)
+
+
+@dataclass
+class ReportStage:
+    """``dop stage=report``: tables and plots of the results store."""
+
+    paths: PathsConfig
+    logger: LoggerConfig
+    report_filter: dict[str, Any] | None = None  # e.g. {model: tiny_llava, benchmark: [synthetic]}
+
+
+@dataclass
+class BenchStage:
+    """``dop stage=bench``: prefill latency of policies and baselines on a decoder slice."""
+
+    bench: BenchConfig
+    budget: BudgetConfig
+    paths: PathsConfig
+    device: Device
+    num_threads: int | None
+
+
+@dataclass
+class TrainStage:
+    """``dop stage=train``: the embedded tiny model."""
+
+    train: TrainSection
+    data: DataConfig
+    paths: PathsConfig
+    num_threads: int | None
+
+
+@dataclass
+class PipelineStage:
+    """``dop`` (``stage=pipeline``): sweep + search, evaluate dense and each policy, report."""
+
+    model: ModelConfig
+    data: DataConfig
+    method: DopMethodConfig
+    sweep: SweepConfig
+    budget: BudgetConfig
+    benchmark: BenchmarkConfig
+    paths: PathsConfig
+    logger: LoggerConfig
+    seed: int
+    device: Device
+    num_threads: int | None
+    overwrite: bool
+    fail_on_error: bool
+    eval_batch_size: int | None
+
+    def search_stage(self, run_dir: str) -> SearchStage:
+        """The search of this pipeline, with its sweep in ``run_dir``."""
+        sweep = dataclasses.replace(self.sweep, run_dir=run_dir)
+        return SearchStage(model=self.model, data=self.data, method=self.method, sweep=sweep, paths=self.paths,
+                           logger=self.logger, seed=self.seed, device=self.device, num_threads=self.num_threads,
+                           budget=self.budget)
+
+    def evaluate_stage(self, run_dir: str, policy: str | None) -> EvaluateStage:
+        """Evaluation of dense (``policy=None``) or of the policies in a file or folder, in ``run_dir``."""
+        return EvaluateStage(model=self.model, data=self.data, method=self.method, budget=self.budget,
+                             benchmark=self.benchmark, policy=policy,
+                             paths=dataclasses.replace(self.paths, run_dir=run_dir), logger=self.logger,
+                             device=self.device, num_threads=self.num_threads, overwrite=self.overwrite,
+                             fail_on_error=self.fail_on_error, eval_batch_size=self.eval_batch_size)
+
+    def report_stage(self, run_dir: str, report_filter: dict[str, Any]) -> ReportStage:
+        return ReportStage(paths=dataclasses.replace(self.paths, run_dir=run_dir), logger=self.logger,
+                           report_filter=report_filter)
+
+
+@dataclass
+class CompareStage:
+    """``dop stage=compare``: found policies vs uniform and random ones of the same FLOPs."""
+
+    compare: CompareConfig
+    data: DataConfig
+    paths: PathsConfig
+    seed: int
+
+
+STAGE_SCHEMAS: dict[str, type] = {"compare": CompareStage, "sweep": SweepStage, "merge": SweepStage, "search": SearchStage,
+                                  "evaluate": EvaluateStage, "report": ReportStage, "bench": BenchStage,
+                                  "train": TrainStage, "pipeline": PipelineStage}
+# top-level keys no stage reads: the stage name and an experiment's bookkeeping (conf/experiment)
+BOOKKEEPING_KEYS = ("stage", "table", "hydra")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def load(schema: type[T], cfg: DictConfig | dict[str, Any]) -> T:
+    """The stage config ``schema`` from a composed config (extra groups other stages read are
+    ignored; an unknown top-level key, or anything wrong inside a group, is a ``ConfigError``)."""
+    data = plain(cfg)
+    known = {f.name for s in STAGE_SCHEMAS.values() for f in dataclasses.fields(s)} | set(BOOKKEEPING_KEYS)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a known config key; valid top-level keys: {', '.join(sorted(known))}")
+    values = {}
+    for f in dataclasses.fields(schema):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{f.name} is missing from the config")
+            continue
+        values[f.name] = _group(f.name, data[f.name], schema)
+    out = schema(**values)
+    for f in dataclasses.fields(schema):  # derived checks, before any model is loaded
+        if f.name in ("budget",):
+            budgets_of(out.budget)
+        if f.name == "device":
+            check_device(out.device)
+    if isinstance(out, EvaluateStage):
+        benchmarks_of(out.benchmark, check=False)
+    return out
+
+
+def _group(name: str, node: Any, schema: type) -> Any:
+    if name == "data":
+        return data_config(node)
+    if name == "method":
+        if schema in (SweepStage, SearchStage, PipelineStage):
+            method = method_config(node)
+            if not isinstance(method, DopMethodConfig):
+                raise ConfigError(f"method={method.name} is a baseline: stage {_stage_name(schema)} searches DOP "
+                                  "policies (use method=dop, or stage=evaluate for a baseline)")
+            return method
+        return method_config(node)
+    return convert(get_type_hints(schema)[name], plain(node), name)
+
+
+def _stage_name(schema: type) -> str:
+    return next(k for k, v in STAGE_SCHEMAS.items() if v is schema)
+
+
+def data_config(node: Any) -> DataConfig:
+    data = plain(node) or {}
+    kind = str(data.get("kind") or data.get("name"))
+    aliases = {"lmms_task": "lmms_eval", "lmms-eval": "lmms_eval"}
+    kind = aliases.get(kind, kind)
+    if kind not in _DATA_KINDS:
+        raise ConfigError(f"data.kind={kind!r} is not valid; valid: {', '.join(_DATA_KINDS)}")
+    if kind == "synthetic":
+        data = {k: v for k, v in data.items() if k != "kind"}
+    return typed(_DATA_KINDS[kind], data, "data")
+
+
+def method_config(node: Any) -> MethodConfig:
+    data = dict(plain(node) or {})
+    name = str(data.get("name", "dop"))
+    if name == "dop":
+        return typed(DopMethodConfig, data, "method")
+    data.pop("name", None)
+    return BaselineMethodConfig(name=name, hparams=data)
+
+
+def budgets_of(budget: BudgetConfig) -> list[Budget]:
+    try:
+        return parse_budgets({"kind": budget.kind, "values": budget.values})
+    except BudgetError as err:
+        raise ConfigError(f"budget: {err}") from None
+
+
+def benchmarks_of(benchmark: BenchmarkConfig, check: bool = True) -> list[Benchmark]:
+    spec = {k: v for k, v in dataclasses.asdict(benchmark).items() if v is not None}
+    try:
+        return resolve_benchmarks(spec, check=check)
+    except BenchmarkError as err:
+        raise ConfigError(f"benchmark: {err}") from None
+
+
+def check_device(device: str) -> str:
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return device
+    raise ConfigError(f"device={device!r} is not valid; valid: auto, cpu, cuda, cuda:N")

@@ -1,0 +1,245 @@
+"""``dop stage=search``: the divergence sweep (when its store is incomplete), then one solve per
+budget; writes ``<run>/policies/<budget>.yaml`` and ``<run>/search.json``.
+
+    dop stage=search budget=ratio budget.values=[0.5,0.35,0.25]
+    dop stage=search method.solver=greedy                   # GSOP-style greedy on the same sweep
+    dop stage=search method.objective=accuracy              # GSOP's greedy on calibration accuracy
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from dop.budget import Budget
+from dop.evaluation.scoring import calibration_accuracy, calibration_answers
+from dop.flops import FlopsError, count_flops, equivalent_tokens
+from dop.io import atomic_write_json
+from dop.models import resolve_device
+from dop.policy import DepthPolicy, Policy
+from dop.report import policy_heatmap
+from dop.search import (
+    AccuracyFn,
+    SearchProblem,
+    Solution,
+    Solver,
+    accuracy_greedy_search,
+    check_additive,
+    greedy_search,
+    predict_kl,
+    random_depth_policies,
+    solve_exact,
+)
+from dop.space import grid_depths, pair_key
+from dop.stages.config import SearchStage, load
+from dop.stages.schema import ConfigError
+from dop.stages.sweep import build_job, set_threads
+from dop.sweep import SweepJob
+from dop.tracking import log_metrics, log_table, start_run
+
+log = logging.getLogger("dop.search")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """``dop stage=search``."""
+    return execute(load(SearchStage, cfg), config=cfg)
+
+
+def execute(conf: SearchStage, job: SweepJob | None = None, config: Any = None) -> dict[str, Any]:
+    """Sweep if needed and solve every budget (``job``: an already built sweep job)."""
+    set_threads(conf.num_threads)
+    if conf.method.n_v and conf.method.objective == "accuracy":
+        raise ConfigError("method.n_v is searched on the KL objective (its curve comes from the sweep); "
+                          "set method.n_v=null with method.objective=accuracy")
+    job = job or build_job(conf)
+    if conf.method.objective == "accuracy":
+        calibration_answers(job.calibration_samples)  # fail before any model work
+    else:  # GSOP's objective needs no sweep (its KL breaks ties when a sweep is present)
+        job.run(complete=True)
+    return search(job, conf, config)
+
+
+def search(job: SweepJob, conf: SearchStage, config: Any = None) -> dict[str, Any]:
+    """Solve every budget on a finished sweep; measure, write the policies and ``search.json``."""
+    method = conf.method
+    problem = SearchProblem(job.text_config, job.flops_groups(), job.pairs, _curves(job, conf),
+                            convention=method.convention, nv_curve=job.nv_curve(), nv_full=job.nv_full,
+                            reducer=job.reducer)
+    solver_name, solver = _solver(job, conf)
+    results = _header(job, conf, problem, solver_name)
+    policies: dict[str, Policy] = {}
+    for budget in conf.budgets:
+        target = problem.budget_flops(budget)
+        sol = problem.solve(target, solver)
+        policies[budget.name], results["budgets"][budget.name] = _entry(job, conf, problem, budget, target, sol)
+    checks = _check_policies(job, conf, problem)
+    to_measure = dict(policies) if method.measure else {}
+    to_measure.update({name: policy for name, (policy, _) in checks.items()})
+    measured = job.measure_many(to_measure) if to_measure else {}
+    for name, policy in policies.items():
+        _write_policy(job, conf, name, policy, results["budgets"][name], measured.get(name), solver_name)
+    if checks:
+        pts = [(predicted, measured[name]) for name, (_, predicted) in checks.items()]
+        results["additive_check"] = {**check_additive(pts), "points": pts}
+    run_dir = Path(job.run_dir)
+    atomic_write_json(run_dir / "search.json", results, indent=2, default=float)
+    _mirror(conf, run_dir, results, policies, config)
+    return results
+
+
+def _curves(job: SweepJob, conf: SearchStage) -> dict | None:
+    if conf.method.objective == "accuracy":
+        try:  # KL only breaks accuracy ties and gives predicted_kl: used when a sweep is present
+            return job.store.curves(job.pairs, job.num_layers, job.reference.fingerprint)
+        except ValueError:
+            return None
+    return job.store.curves(job.pairs, job.num_layers, job.reference.fingerprint)
+
+
+def _solver(job: SweepJob, conf: SearchStage) -> tuple[str, Solver]:
+    if conf.method.objective != "accuracy":
+        return conf.method.solver, {"exact": solve_exact, "greedy": greedy_search}[conf.method.solver]
+    # GSOP: greedy on calibration accuracy (method.solver does not apply)
+    scorer = accuracy_scorer(job, conf)
+    grid = grid_depths(job.num_layers, job.grid_step)
+
+    def solve(curves: Any, cost: Any, target: float) -> Solution:
+        return accuracy_greedy_search(scorer, cost, target, grid=grid, curves=curves)
+
+    return "greedy", solve
+
+
+def _header(job: SweepJob, conf: SearchStage, problem: SearchProblem, solver: str) -> dict[str, Any]:
+    results: dict[str, Any] = {"model": job.model_id, "num_layers": job.num_layers, "groups": problem.groups,
+                               "pairs": [pair_key(p) for p in job.pairs], "convention": conf.method.convention,
+                               "dense_flops": problem.cost.dense, "fingerprint": job.reference.fingerprint,
+                               "solver": solver, "objective": conf.method.objective, "budgets": {}}
+    if problem.nv_curve:
+        results["n_v"] = {"reducer": job.reducer,
+                          "curve": {str(v): k for v, k in sorted(problem.nv_curve.items())}}
+    return results
+
+
+def _entry(job: SweepJob, conf: SearchStage, problem: SearchProblem, budget: Budget, target: float,
+           sol: Solution) -> tuple[Policy, dict[str, Any]]:
+    """The budget's policy and its ``search.json`` entry (exact FLOPs of the expanded policy)."""
+    L, convention = job.num_layers, conf.method.convention
+    depth_policy = sol.depth_policy(L, job.model_id)
+    policy = depth_policy.expand(L)
+    exact = count_flops(job.text_config, problem.groups, policy, convention=convention)
+    entry = {
+        "budget": {"kind": budget.kind, "value": budget.value, "flops": target},
+        "depths": depth_policy.to_dict()["depths"],  # attn parameters appear as q and kv
+        "parameters": {pair_key(p): d for p, d in sorted(sol.depths.items())},
+        "n_v": sol.n_v, "reducer": sol.reducer,
+        "predicted_kl": sol.predicted_kl, "measured_kl": None,
+        "flops": exact, "tflops": exact / 1e12, "ratio": exact / problem.cost.dense,
+        "equivalent_tokens": _equivalent_tokens(job.text_config, problem.groups, exact, convention),
+        "solver_seconds": sol.stats.get("seconds"),
+    }
+    if problem.nv_curve:
+        entry.update(depth_kl=sol.stats["depth_kl"], n_v_kl=sol.stats["n_v_kl"],
+                     n_v_candidates=sol.stats["n_v_candidates"])
+    if conf.method.objective == "accuracy":
+        entry.update(calibration_accuracy=sol.stats["accuracy"], dense_calibration_accuracy=sol.stats["dense_accuracy"],
+                     accuracy_evaluations=sol.stats["evaluations"], greedy_trace=sol.stats["trace"])
+    return policy, entry
+
+
+def _check_policies(job: SweepJob, conf: SearchStage, problem: SearchProblem) -> dict[str, tuple[Policy, float]]:
+    """``method.check_additive`` random depth policies (each with a random ``n_v`` under a front end)
+    and their predicted KL, measured in the same Lightning predict as the found policies."""
+    if problem.curves is None or not conf.method.check_additive:
+        return {}
+    checks = random_depth_policies(job.pairs, job.num_layers, conf.method.check_additive, seed=conf.seed)
+    rng = np.random.default_rng(conf.seed + 1)
+    nv = problem.nv_curve
+    draws = [int(rng.choice(sorted(nv))) if nv else None for _ in checks]
+    draws = [None if v is None or v >= job.nv_full else v for v in draws]
+    out = {}
+    for i, (depths, v) in enumerate(zip(checks, draws)):
+        policy = DepthPolicy(depths, n_v=v, reducer=job.reducer if v is not None else None).expand(job.num_layers)
+        out[f"check_{i}"] = (policy, predict_kl(problem.curves, depths) + (nv[v] if v is not None else 0.0))
+    return out
+
+
+def _write_policy(job: SweepJob, conf: SearchStage, name: str, policy: Policy, entry: dict[str, Any],
+                  measured: float | None, solver: str) -> None:
+    entry["measured_kl"] = measured
+    policy.meta = {**policy.meta, "budget": entry["budget"], "predicted_kl": entry["predicted_kl"],
+                   "measured_kl": measured, "flops": entry["flops"], "ratio": entry["ratio"],
+                   "fingerprint": job.reference.fingerprint, "objective": conf.method.objective, "solver": solver}
+    if "depth_kl" in entry:
+        policy.meta.update(depth_kl=entry["depth_kl"], n_v_kl=entry["n_v_kl"])
+    if conf.method.objective == "accuracy":
+        policy.meta["calibration_accuracy"] = entry["calibration_accuracy"]
+    path = Path(job.run_dir) / "policies" / f"{name}.yaml"
+    policy.to_yaml(path)
+    entry["policy"] = str(path)
+    log.info("budget %s: predicted KL %s, measured %s, %.3f of dense, depths %s%s", name,
+             entry["predicted_kl"], measured, entry["ratio"], entry["depths"],
+             f", n_v {entry['n_v']} ({entry['reducer']})" if entry["n_v"] is not None else "")
+
+
+def _equivalent_tokens(text_config: Any, groups: Mapping[str, float], flops: float, convention: str) -> float | None:
+    """Equivalent visual tokens, or None when the policy also prunes non-visual groups below
+    their dense cost (no visual token count matches it)."""
+    try:
+        return float(equivalent_tokens(text_config, groups, flops, convention=convention))
+    except FlopsError:
+        return None
+
+
+def accuracy_scorer(job: SweepJob, conf: SearchStage) -> AccuracyFn:
+    """``calibration_accuracy`` bound to the job's model, processor and calibration samples; scores of
+    policies already seen are reused (budgets share the greedy path)."""
+    samples, processor = job.calibration_samples, job.processor
+    max_new = conf.method.accuracy_max_new_tokens or (5 if conf.data.kind == "synthetic" else 16)
+    model = job.model
+    device = resolve_device(conf.device)
+    if device.startswith("cuda"):
+        model.to(device)
+    model.eval()
+    cache: dict[tuple, float] = {}
+
+    def key(policy: Policy) -> tuple:
+        return tuple(sorted((int(op.layer), str(op.group), str(op.type)) for op in policy))
+
+    def score(policies: Mapping[str, Policy]) -> dict[str, float]:
+        todo = {name: p for name, p in policies.items() if key(p) not in cache}
+        if todo:
+            for name, acc in calibration_accuracy(model, processor, samples, todo, batch_size=conf.sweep.batch_size,
+                                                  max_new_tokens=max_new).items():
+                cache[key(todo[name])] = acc
+        return {name: cache[key(p)] for name, p in policies.items()}
+
+    return score
+
+
+def _mirror(conf: SearchStage, run_dir: Path, results: Mapping[str, Any], policies: Mapping[str, Policy],
+            config: Any) -> None:
+    """Mirror the search to W&B (the run dir is the source of truth)."""
+    with start_run(conf.logger, "search", run_dir, config) as wb:
+        rows = []
+        for name, entry in results["budgets"].items():
+            log_metrics(wb, {f"search/{name}/predicted_kl": entry["predicted_kl"],
+                             f"search/{name}/measured_kl": entry["measured_kl"],
+                             f"search/{name}/ratio": entry["ratio"], f"search/{name}/tflops": entry["tflops"],
+                             **({f"search/{name}/n_v": entry["n_v"]} if entry.get("n_v") is not None else {})})
+            rows.append([name, entry["predicted_kl"], entry["measured_kl"], entry["ratio"], entry["tflops"],
+                         json.dumps(entry["depths"]), entry.get("n_v")])
+            if name in policies:
+                png = policy_heatmap(policies[name], results["num_layers"], list(results["groups"]),
+                                     run_dir / "policies" / f"{name}.png")
+                wb.log_image(f"search/{name}/policy", png)
+        log_table(wb, "search/budgets", ["budget", "predicted_kl", "measured_kl", "ratio", "tflops", "depths", "n_v"],
+                  rows)
+        check = results.get("additive_check")
+        if check:
+            log_metrics(wb, {"search/additive/pearson": check["pearson"], "search/additive/spearman": check["spearman"]})
