@@ -1,4 +1,5 @@
-"""Evaluation: the lmms-eval plugin ``dop``, local tasks, the benchmark registry and the evaluate stage.
+"""Evaluation: the lmms-eval plugin ``dop``, local tasks (dop's synthetic one, and lmms-eval's tasks on
+local copies of their datasets), fixtures of the 13 benchmarks, the benchmark registry and the evaluate stage.
 
 Submodules are imported lazily (``dop.evaluation.plugin`` imports lmms-eval, which is slow to load).
 """
@@ -7,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DopLMM", "resolve", "score_synthetic", "write_task_dir"]
+__all__ = ["DopLMM", "benchmark_tasks", "resolve", "score_synthetic", "write_local_task", "write_task_dir"]
 
 _LAZY = {
     "DopLMM": "dop.evaluation.plugin",
+    "benchmark_tasks": "dop.evaluation.local_tasks",
+    "write_local_task": "dop.evaluation.local_tasks",
     "resolve": "dop.evaluation.benchmarks",
     "score_synthetic": "dop.evaluation.scoring",
     "write_task_dir": "dop.evaluation.tasks",
