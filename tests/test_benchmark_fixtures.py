@@ -199,6 +199,16 @@ def test_judge_needs_its_key_unless_turned_off(tmp_path):
     assert benchmark_tasks(pope, tmp_path) == ("pope",)  # nothing to change: the original task
 
 
+def test_judged_mmbench_can_write_its_submission_file(tmp_path, monkeypatch):
+    """With the judge on, MMBench's original metric list also aggregates `submission` into an .xlsx
+    (pandas -> openpyxl, in dop's eval extra): without it the whole evaluation fails at the end."""
+    monkeypatch.chdir(tmp_path)
+    config = load_yaml_config(str(task_info("mmbench_en_dev").yaml_path), mode="full")
+    (submission,) = [m["aggregation"] for m in config["metric_list"] if m["metric"] == "submission"]
+    submission([{"index": 0, "question": "q", "answer": "A", "prediction": "A", "A": "red", "B": "blue"}], None)
+    assert list(tmp_path.rglob("*.xlsx"))
+
+
 def _raw(name: str) -> dict[str, Any]:
     return yaml.safe_load((BENCHMARK_DIR / f"{name}.yaml").read_text())
 
