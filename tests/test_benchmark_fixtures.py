@@ -130,9 +130,9 @@ def test_multiple_choice_loglikelihood_task_on_the_seedbench_fixture(lm, tmp_pat
 
 
 @pytest.mark.parametrize("layout", ["parquet", "hub_cache"])
-@pytest.mark.parametrize("name", ["gqa", "seedbench", "mmbench_cn_dev"])
+@pytest.mark.parametrize("name", ["gqa", "seedbench"])
 def test_data_file_and_hub_cache_layouts(name, layout, lm, tmp_path, monkeypatch):
-    """GQA (two configs joined on imageId), SEED-Bench (lists of images), MMBench (config subfolder)."""
+    """GQA (two configs in subfolders, joined on imageId) and SEED-Bench (lists of images) from parquet."""
     monkeypatch.chdir(tmp_path)
     fx = build_fixture(name, tmp_path / "data", layout=layout)
     task = write_local_task(name, tmp_path / "tasks", dataset_path=fx.path, judge=False)
@@ -218,6 +218,8 @@ def test_suite_dataset_path_and_judge_reach_every_member(tmp_path):
     assert [b.name for b in members] == list(TASKS)
     assert all(b.dataset_path == str(tmp_path / b.name) and not b.judge for b in members)
     assert all(b.dataset_path is None for b in resolve("paper13", check=False))
+    (synthetic,) = resolve("synthetic", check=False)  # dop's own task reads its dataset_path itself
+    assert synthetic.dataset_path and benchmark_tasks(synthetic, tmp_path) == ("dop_synthetic",)
 
 
 # --- fixtures and plugin details --------------------------------------------------------------------
