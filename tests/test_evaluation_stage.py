@@ -100,3 +100,35 @@ def test_stage_runs_a_policy_with_a_front_end(env):
                 for line in f.read_text().splitlines()]
 
     assert len(responses("run_nv")) == 4 and responses("run_nv") == responses("run_vp")
+
+
+@pytest.mark.slow  # 26 lmms-eval runs: ~3 min on a quiet 2-core machine
+def test_stage_evaluates_the_13_benchmarks_on_local_copies_dense_and_pruned(env, tmp_path):
+    """`dop stage=evaluate benchmark=paper13 benchmark.dataset_path=<copies> benchmark.judge=false`, dense
+    and under a policy: lmms-eval's own task code for every benchmark, each headline metric in the store."""
+    from dop.evaluation.benchmarks import resolve
+    from dop.evaluation.fixtures import build_fixture
+    from dop.ops import Operation
+    from dop.policy import Policy
+
+    root, model_dir, _ = env
+    copies = tmp_path / "copies"
+    members = resolve("paper13", check=False)
+    for bench in members:
+        build_fixture(bench.tasks[0], copies / bench.name, size=12 if bench.name == "mme" else 4)  # MME: both halves
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    Policy([Operation(1, "vision", t) for t in ("q", "kv", "mlp")]).to_yaml(pdir / "ratio_0.6.yaml")
+    results = tmp_path / "results"
+    for policy, run in ((None, "dense"), (pdir, "pruned")):
+        out = stage.run(compose_cfg(tmp_path / run, "stage=evaluate", "device=cpu", "model.name=tiny_test",
+                                    f"model.pretrained={model_dir}", "model.dtype=null", "benchmark=paper13",
+                                    f"benchmark.dataset_path={copies}", "benchmark.judge=false",
+                                    "benchmark.batch_size=4", f"paths.results_dir={results}",
+                                    f"policy={policy}" if policy else "policy=null", output_dir=tmp_path / "out"))
+        assert out["failures"] == []
+    store = ResultsStore(results)
+    for bench in members:
+        for method in ("dense", "dop"):
+            recs = store.records(benchmark=bench.name, method=method, metric=bench.metric)
+            assert len(recs) == 1 and recs[0].samples >= 4, (bench.name, method)

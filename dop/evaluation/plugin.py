@@ -257,6 +257,13 @@ class DopLMM(lmms):
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("dop plugin: multi-round generation is not supported")
 
+    def clean(self) -> None:
+        """Keep the model: lmms-eval 0.7.3 calls ``clean()`` at the end of every evaluation and the base
+        class deletes each ``nn.Module`` attribute, so the next benchmark evaluated with this instance
+        (``paper13``, one ``simple_evaluate`` per benchmark) would find no model. The caller owns it."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
 
 def manifest():
     """Entry-point payload for ``lmms_eval.models`` (a callable, so lmms-eval imports it lazily)."""

@@ -5,6 +5,7 @@ benchmark through the dop plugin, and the signature that says when a stored reco
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -12,6 +13,7 @@ import re
 import resource
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from dop.data.synthetic import ensure_from_config
 from dop.engine.baselines import Method, MethodError
 from dop.engine.baselines.budget import match_budget
 from dop.evaluation.benchmarks import Benchmark
+from dop.evaluation.local_tasks import benchmark_tasks
 from dop.evaluation.plugin import MODEL_NAME
 from dop.evaluation.scoring import SAMPLE_QUESTION, reduce_batch, running
 from dop.evaluation.tasks import TASK_NAME, default_paths, task_config_hash, write_task_dir
@@ -177,26 +180,42 @@ def peak_memory(device: torch.device) -> int | None:
         return None
 
 
-def task_setup(bench: Benchmark, run_dir: Path, data: Any = None) -> tuple[str | None, str | None]:
-    """(include_path, task config hash): dop's local tasks are written into ``<run_dir>/tasks``.
+@dataclass(frozen=True)
+class TaskSetup:
+    """How one benchmark runs in lmms-eval: its task names (derived ones for local copies), the
+    include path that holds dop-written tasks, and a hash of those task files (None: lmms-eval's own)."""
 
-    A missing synthetic dataset is built with the data group's settings (``data``), so it matches
-    what training and calibration use.
-    """
-    if TASK_NAME not in bench.tasks:
-        return None, None
-    dataset = Path(bench.dataset_path or default_paths()[0])
-    if not dataset.exists():
-        dataset = Path(ensure_from_config(data if data is not None else {}, dataset))
-    task_dir = write_task_dir(dataset, run_dir / "tasks")
-    return str(task_dir), task_config_hash(task_dir)
+    tasks: tuple[str, ...]
+    include_path: str | None
+    config_hash: str | None
+    local: bool = False  # every task is written by dop: lmms-eval need not index its own ~2000 tasks
 
 
-def evaluate_benchmark(lm: Any, bench: Benchmark, include_path: str | None, limit: Any = None) -> dict[str, Any]:
-    """``simple_evaluate`` of one benchmark with the plugin instance -> lmms-eval's results dict."""
-    task_manager = TaskManager("WARNING", include_path=include_path, model_name=MODEL_NAME)
-    return simple_evaluate(model=lm, tasks=list(bench.tasks), limit=limit, task_manager=task_manager,
-                           log_samples=True, verbosity="WARNING", bootstrap_iters=0)
+def task_setup(bench: Benchmark, run_dir: Path, data: Any = None) -> TaskSetup:
+    """Write the tasks a benchmark needs into ``<run_dir>/tasks``: dop's synthetic task (a missing
+    synthetic dataset is built with the data group's settings, ``data``, so it matches what training
+    and calibration use), or lmms-eval tasks derived for a local dataset copy or without a judge."""
+    task_dir = run_dir / "tasks"
+    if TASK_NAME in bench.tasks:
+        dataset = Path(bench.dataset_path or default_paths()[0])
+        if not dataset.exists():
+            dataset = Path(ensure_from_config(data if data is not None else {}, dataset))
+        write_task_dir(dataset, task_dir)
+        return TaskSetup(bench.tasks, str(task_dir), task_config_hash(task_dir), local=bench.tasks == (TASK_NAME,))
+    tasks = benchmark_tasks(bench, task_dir)
+    if tasks == bench.tasks:
+        return TaskSetup(tasks, None, None)
+    return TaskSetup(tasks, str(task_dir), task_config_hash(task_dir), local=True)
+
+
+def evaluate_benchmark(lm: Any, setup: TaskSetup, limit: Any = None, output_dir: Path | None = None) -> dict[str, Any]:
+    """``simple_evaluate`` of one benchmark's tasks with the plugin instance -> lmms-eval's results.
+    Submission files some tasks write (TextVQA, OCRBench, MMBench) go under ``output_dir``."""
+    task_manager = TaskManager("WARNING", include_path=setup.include_path, include_defaults=not setup.local,
+                               model_name=MODEL_NAME)
+    cli_args = argparse.Namespace(output_path=str(output_dir) if output_dir else None, process_with_media=True)
+    return simple_evaluate(model=lm, tasks=list(setup.tasks), limit=limit, task_manager=task_manager,
+                           log_samples=True, verbosity="WARNING", bootstrap_iters=0, cli_args=cli_args)
 
 
 def write_samples(results: dict[str, Any], out: Path) -> None:
@@ -219,8 +238,11 @@ def eval_signature(data: Mapping[str, Any] | None, bench: Benchmark, limit: Any,
     sample limit and, for the local synthetic task, the data it is generated from (``data``). A
     stored record is reused only when its signature matches, so a changed test split is never
     answered by a stale record."""
-    doc = {"tasks": list(bench.tasks), "limit": limit, "data": dict(data) if bench.dataset_path and data else None,
+    synthetic = TASK_NAME in bench.tasks
+    doc = {"tasks": list(bench.tasks), "limit": limit, "data": dict(data) if synthetic and bench.dataset_path and data else None,
            "model_revision": revision}
+    if not synthetic and (bench.dataset_path or not bench.judge):  # a local copy, or judge-free scoring
+        doc.update(dataset_path=bench.dataset_path, judge=bench.judge)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -52,21 +52,27 @@ def image_token(processor: Any) -> str:
     return getattr(processor, "image_token", None) or "<image>"
 
 
+def _drop_token(text: str, token: str) -> str:
+    """``text`` without ``token`` and the spaces around it; line breaks are kept."""
+    return re.sub(rf"[ \t]*{re.escape(token)}[ \t]*", " ", text)
+
+
 def build_prompt(processor: Any, question: str, num_images: int = 1) -> str:
     """The chat prompt for one question with ``num_images`` images.
 
     Uses ``dop.models.build_prompt`` (the project's single source of prompts) for chat processors.
     Literal image tokens in the question are removed first: lmms-eval tasks such as MMMU put
-    ``<image>`` markers into the context, and the processor would count them as extra images.
+    ``<image>`` markers into the context, and the processor would count them as extra images. The
+    task's line breaks stay (MMBench, SEED-Bench and ScienceQA put one option per line).
     """
     tok = image_token(processor)
-    question = " ".join(question.replace(tok, " ").split())
+    question = _drop_token(question, tok).strip()
     if getattr(processor, "chat_template", None):
         prompt = project_build_prompt(processor, question)
     else:
         prompt = FALLBACK_PROMPT.format(image=tok, question=question)
     if num_images == 0:
-        prompt = " ".join(prompt.replace(tok, " ").split())
+        prompt = _drop_token(prompt, tok)
     elif num_images > 1:
         prompt = prompt.replace(tok, " ".join([tok] * num_images), 1)
     return prompt

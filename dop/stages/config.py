@@ -189,7 +189,8 @@ class BenchmarkConfig:
     sum_of: list[str] | None = None
     needs_api_key: str | None = None
     needs_server: bool = False
-    dataset_path: str | None = None
+    dataset_path: str | None = None  # a local copy of the dataset (dop.evaluation.local_tasks)
+    judge: bool = True  # false: a GPT-judged benchmark (MMBench) scored by lmms-eval's rule-based matcher
     notes: str = ""
     members: list[str] | None = None  # a suite (paper13)
 

@@ -194,16 +194,16 @@ def _evaluate_cell(session: Session, lm: DopLMM, spec: dict[str, Any], bench: Be
     if not conf.overwrite and is_done(session.store, cell, bench.recorded_metrics, signature):
         log.info("skip %s / %s: already in the store", bench.name, cell["method"])
         return
-    include_path, local_hash = task_setup(bench, session.run_dir, conf.data)
+    setup = task_setup(bench, session.run_dir, conf.data)
     before = lm.stats["model_seconds"]
     if session.model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    results = evaluate_benchmark(lm, bench, include_path, limit)
+    results = evaluate_benchmark(lm, setup, limit, output_dir=session.run_dir / "lmms_eval")
     total_s = lm.stats["model_seconds"] - before
-    values = bench.metric_values(results["results"])
+    values = bench.metric_values(results["results"], task_names=setup.tasks)
     if not values:
         raise RuntimeError(f"no metric of {bench.recorded_metrics} in lmms-eval results {sorted(results['results'])}")
-    samples = sum(v["effective"] for t, v in results.get("n-samples", {}).items() if t in bench.tasks)
+    samples = sum(v["effective"] for t, v in results.get("n-samples", {}).items() if t in setup.tasks)
     tag = cell["method"] + (f"_{Path(spec['path']).stem}" if spec["path"] else "") \
         + (f"_{spec['tag']}" if spec.get("tag") else "")
     write_samples(results, session.run_dir / "samples" / tag)
@@ -212,7 +212,7 @@ def _evaluate_cell(session: Session, lm: DopLMM, spec: dict[str, Any], bench: Be
                      equivalent_tokens=measured["equivalent_tokens"], samples=samples,
                      prefill_latency_s=measured["prefill_latency_s"], total_latency_s=total_s,
                      peak_memory_bytes=peak_memory(session.model.device), versions=session.versions,
-                     git_sha=session.sha, task_config_hash=local_hash or task_hash(results, bench.tasks),
+                     git_sha=session.sha, task_config_hash=setup.config_hash or task_hash(results, setup.tasks),
                      extra={"policy_path": spec["path"], "limit": conf.benchmark.limit, "tasks": list(bench.tasks),
                             "eval_signature": signature, "groups": session.groups, "batch_size": session.batch_size,
                             **method_extra})
