@@ -233,7 +233,12 @@ def main() -> None:
             results["skipped"][attn] = "time limit"
             print(f"skipped {attn}: past --time-limit {args.time_limit:.0f} s")
             continue
-        model.set_attn_implementation(attn)
+        try:
+            model.set_attn_implementation(attn)
+        except (ValueError, ImportError) as err:  # e.g. a flash_attn build that does not fit this GPU
+            results["skipped"][attn] = str(err)
+            print(f"skipped {attn}: {err}")
+            continue
         failed: dict[str, str] = {}
         rows = run_bench(model, inputs, groups, policies=policies, repeats=repeats, warmup=2 if mode == "gpu" else 1,
                          methods=methods, skipped=failed)
