@@ -34,6 +34,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -747,7 +748,8 @@ def run(cfg: Any) -> dict[str, Any]:
     """``dop stage=sweep [sweep.shard=k sweep.num_shards=n]``."""
     job = SweepJob.from_config(cfg)
     stats = job.run()
-    _log_tracking(cfg, job, stats)
+    if rank_zero_only.rank == 0:  # a DDP job (launcher=slurm_sweep) mirrors to W&B once, not once per rank
+        _log_tracking(cfg, job, stats)
     return stats
 
 
