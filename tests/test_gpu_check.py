@@ -92,6 +92,7 @@ def test_sweep_point_kl_matches_the_engine(run, small_slice):
     point = doc["sweep_point"]
     assert point["point"] == "kv_vision/2" and point["point_s"] > 0 and point["layer_forwards"] == 2.0
     model, inputs, _ = small_slice
+    torch.set_num_threads(1)  # a small model: more threads only wait on each other (restored by conftest)
     with torch.inference_mode():
         dense = model(**inputs, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
         with prune(model, DepthPolicy({("kv", "vision"): 2}).expand(SMALL["num_layers"])):

@@ -58,7 +58,7 @@ def greedy(model, inputs: dict, policy: Policy | None):
                              output_logits=True, return_dict_in_generate=True, bad_words_ids=SPECIALS,
                              pad_token_id=0)
     new = out.sequences[:, inputs["input_ids"].shape[1]:]
-    return new, torch.stack(out.logits).float(), out.past_key_values.layers[-1].keys.dtype
+    return new, torch.stack(out.logits).float(), out.cache.layers[-1].keys.dtype
 
 
 def check_generation(ref_tokens, ref_logits, tokens, logits, tol: float, where: str) -> tuple[list[int], float]:
