@@ -161,7 +161,8 @@ def run_family(build: Callable) -> None:
     cache = out.cache.layers  # pruned prefill rows + the 3 decoded rows
     assert [c.keys.shape[2] for c in cache] == [T + 3] * kv_depth + [T - N_VISION + 3] * (L - kv_depth)
     assert cache[0].keys.shape[1] == text.num_key_value_heads  # GQA widths as the real model has them
-    record("dop", "vision kv>=8 q>=4 mlp>=2", count_flops(text, groups, policy=policy, convention="dop"), steps, T)
+    label = "vision " + " ".join(f"{t}>={d}" for (t, _), d in DOP_DEPTHS.items())
+    record("dop", label, count_flops(text, groups, policy=policy, convention="dop"), steps, T)
 
     for name in BASELINES:
         method = get_method(name)
