@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import transformers
 
-from dop.bench import BenchRow, bench_text_tower, build_slice, method_from_config, run_bench
+from dop.bench import BENCH_QUESTION, BenchRow, bench_text_tower, build_slice, method_from_config, run_bench
 from dop.budget import Budget
 from dop.divergence import CalibrationBatch
 from dop.engine import prune
@@ -116,7 +116,7 @@ def baselines(model: torch.nn.Module, groups: dict[str, int]) -> tuple[dict[str,
 def prefill_call(model: torch.nn.Module, inputs: dict, policy: Policy | None = None,
                  method: Any = None, knob: Any = None) -> Callable[[], None]:
     """One prefill as ``dop.bench.run_bench`` times it (last-position logits only)."""
-    question = {"instruction": ["what is in the image ?"]} if getattr(method, "needs_text", False) else {}
+    question = {"instruction": [BENCH_QUESTION]} if getattr(method, "needs_text", False) else {}
 
     def go() -> None:
         with torch.inference_mode():
