@@ -176,7 +176,7 @@ def sweep_point_seconds(model: torch.nn.Module, inputs: dict, repeats: int) -> d
 def format_table(attn: str, rows: list[BenchRow], budgets: dict[str, str], knobs: dict[str, str],
                  memory: dict[str, float | None]) -> str:
     lines = ["| attn | run | budget (tokens) | knob | TFLOPs | FLOPs cut | latency (ms) | latency cut | "
-             "latency/FLOPs cut | peak mem (GiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "latency/FLOPs cut | peak mem (GiB, weights incl.) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r.ratio:.3f}" if r.flops_reduction > 0 else "-"
         mem = memory.get(r.policy)
