@@ -1,4 +1,4 @@
-"""7B-shaped models on CPU with random weights, in bf16 (``slow``: DOP_RUN_SLOW=1, ~10 min per model).
+"""7B-shaped models on CPU with random weights, in bf16 (``slow``: DOP_RUN_SLOW=1, ~15 min per model on 2 cores).
 
 A full LLaVA-1.5-7B-shaped ``LlavaForConditionalGeneration`` (CLIP-L/336 tower, 576 image tokens,
 32 x 4096 Llama, 32 heads) and a full Qwen2.5-VL-7B-shaped model (32-block windowed vision tower,
