@@ -10,6 +10,7 @@ import random
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -199,9 +200,46 @@ def build_internvl(attn: str = "eager", layers: int = 4, seed: int = 0):
     return model, make_inputs
 
 
+class ImageOnlyOnevisionProcessor(transformers.LlavaOnevisionProcessor):  # no torchvision: drop the video slot
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                         chat_template=chat_template, **kwargs)
+
+
+def build_llava_onevision(attn: str = "eager", layers: int = 4, seed: int = 0, crop: int = 28):
+    """LLaVA-OneVision: SigLIP tower (no [CLS]), Qwen2 decoder, anyres crops with unpadding and newline
+    rows (``crop``: the tower's input side, 2x2 patches per crop)."""
+    torch.manual_seed(seed)
+    pinpoints = [[crop, crop], [crop, 2 * crop], [2 * crop, crop], [2 * crop, 2 * crop]]
+    ip = transformers.LlavaOnevisionImageProcessorPil(size={"height": crop, "width": crop},
+                                                      image_grid_pinpoints=pinpoints)
+    proc = ImageOnlyOnevisionProcessor(image_processor=ip, tokenizer=tokenizer(), num_image_tokens=(crop // 14) ** 2,
+                                       vision_feature_select_strategy="full", image_token="<image>",
+                                       video_token="<|video_pad|>", vision_aspect_ratio="anyres_max_9")
+    vcfg = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=crop, patch_size=14)
+    tcfg = text_config(num_hidden_layers=layers)
+    tcfg["model_type"] = "qwen2"
+    cfg = transformers.LlavaOnevisionConfig(vision_config=vcfg, text_config=tcfg, image_token_index=IDS["<image>"],
+                                            video_token_index=IDS["<|video_pad|>"], image_grid_pinpoints=pinpoints,
+                                            vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                            vision_aspect_ratio="anyres_max_9")
+    model = transformers.LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+
+    def make_inputs(batch: int = 1, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        sizes = [(crop, 2 * crop), (2 * crop, crop), (2 * crop, 2 * crop)]
+        imgs = [Image.fromarray(rng.integers(0, 255, (*sizes[i % 3], 3), dtype=np.uint8)) for i in range(batch)]
+        texts = _texts(batch, seed, "<s> {sys} USER: <image> {q} ASSISTANT:")
+        return proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+
+    return model, make_inputs
+
+
 BUILDERS = {
     "llava": build_llava,
     "llava_next": build_llava_next,
+    "llava_onevision": build_llava_onevision,
     "qwen2_vl": lambda **kw: build_qwen_vl("qwen2_vl", **kw),
     "qwen2_5_vl": lambda **kw: build_qwen_vl("qwen2_5_vl", **kw),
     "qwen3_vl": lambda **kw: build_qwen_vl("qwen3_vl", **kw),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from dop.data.calibration import CalibrationError, load_calibration
@@ -38,6 +39,8 @@ def execute(conf: SweepStage, config: Any = None) -> dict[str, Any]:
     set_threads(conf.num_threads)
     job = build_job(conf)
     stats = job.run()
+    if rank_zero_only.rank != 0:  # a DDP job (launcher=slurm_sweep) mirrors to W&B once, not once per rank
+        return stats
     with start_run(conf.logger, "sweep", job.run_dir, config) as wb:
         log_metrics(wb, {f"sweep/{k}": v for k, v in stats.items()})
         rows = [[pair_key(pair), depth, kl] for pair in job.pairs
