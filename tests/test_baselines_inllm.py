@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,11 +15,11 @@ from tiny_models import BUILDERS
 from transformers import LlamaConfig
 
 from dop.adapters import get_adapter
+from dop.divergence import CalibrationBatch
 from dop.engine.baselines import MethodError, get_method
 from dop.engine.baselines.dart import dart_select
 from dop.engine.baselines.sparsevlm import rater_scores, text_raters
 from dop.engine.baselines.vtw import shallowest_below
-from dop.divergence import CalibrationBatch
 from dop.flops import count_flops, flops_for_tokens, kept_tokens_per_layer
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -76,6 +77,10 @@ class FakeCtx:
         self.asked = query_index
         return self.probs
 
+    def watch_attention(self, query_index=None, keys=False):  # the crafted row, as if the layer had run
+        self.asked = query_index
+        return SimpleNamespace(probs=self.probs, keys=None)
+
     def drop(self, rows, from_layer=None):
         self.drops.append((self.layer_idx if from_layer is None else from_layer, rows))
 
@@ -99,9 +104,12 @@ def test_fastv_keeps_the_rows_the_last_token_attends_most():
     probs[1, 0, 0, [2, 7, 5]] = torch.tensor([0.5, 0.4, 0.3])
     from dop.engine.baselines.fastv import _FastVSelector
 
+    selector = _FastVSelector(K=2, keep=2)
     ctx = FakeCtx(1, groups, probs)
-    _FastVSelector(K=2, keep=2).before_layer(ctx)
-    assert ctx.asked.tolist() == [[9], [9]]  # the last row of each sample
+    selector.before_layer(ctx)  # layer K-1: watches its attention, drops nothing yet
+    assert ctx.asked.tolist() == [[9], [9]] and ctx.drops == []  # the last row of each sample
+    ctx = FakeCtx(2, groups)
+    selector.before_layer(ctx)
     (start, dropped), = ctx.drops
     assert start == 2
     kept = groups["vision"] & ~dropped
