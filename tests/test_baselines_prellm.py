@@ -94,6 +94,16 @@ def test_divprune_keeps_one_per_duplicate_set():
     assert sorted({groups[i] for i in kept}) == [0, 1, 2, 3, 4]
 
 
+def test_batched_selections_equal_one_image_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 20, 8, generator=g)
+    rel = torch.rand(3, 20, generator=g)
+    assert torch.equal(divprune_select(tokens, 7), torch.cat([divprune_select(t[None], 7) for t in tokens]))
+    xn = torch.nn.functional.normalize(tokens, dim=-1)
+    kernels = rel[:, :, None] * (xn @ xn.transpose(1, 2)) * rel[:, None, :]
+    assert torch.equal(dpp_greedy(kernels, 6), torch.stack([dpp_greedy(kk, 6) for kk in kernels]))
+
+
 def test_dpp_never_picks_two_identical_tokens():
     g = torch.Generator().manual_seed(1)
     x = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
@@ -195,7 +205,29 @@ def test_logits_equal_hand_shortened_prompt(llava, clip_tower, name):
         ref = _manual_logits(model, inp, k, seen[0])
     assert seen[0].shape == (1, k, model.config.text_config.hidden_size)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert not model.model.multi_modal_projector._forward_hooks  # removed on exit
+    projector = model.model.multi_modal_projector
+    assert not projector._forward_hooks and not projector._forward_pre_hooks  # removed on exit
+
+
+# methods whose selection reads every projected token; the others project only what reaches the LLM
+READS_PROJECTED = {"divprune", "cdpruner"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_projector_runs_once_on_what_the_method_needs(llava, clip_tower, name):
+    model, make = llava
+    k, n_img = 5, 2
+    m = method(name, clip_tower)
+    rows = []
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda mod, a, out: rows.append(a[0].shape[1]))
+    try:
+        with torch.no_grad(), m.apply(model, k):
+            model(**m.prepare_inputs(model, batch_inputs(make, n_img, 2, name), k))
+    finally:
+        handle.remove()
+    # the model's own call gets no rows (its output is replaced); the method's one call: all 16 patches
+    # when its selection reads them (then gathered), else its k kept or merged tokens
+    assert sorted(rows) == [0, 16 if name in READS_PROJECTED else k]
 
 
 def test_fastervlm_matches_eager_attention_and_stock_projection(llava):

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dop.engine.baselines.base import Method, MethodError, _text
 from dop.budget import Budget
+from dop.engine.baselines.base import Method, MethodError, _text
 from dop.flops import count_flops, equivalent_tokens, flops_for_tokens
 
 __all__ = ["Match", "budget_to_flops", "knob_flops", "match_budget", "method_flops", "resolve_method"]
