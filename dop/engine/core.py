@@ -338,18 +338,16 @@ class LayerContext:
             raise EngineError(f"drop rows must be a bool mask of shape {tuple(self._call.valid.shape)}")
         self._call.drops.append((start, rows.to(self._call.valid.device), tuple(OpType(t) for t in types)))
 
-    def replace(self, rows: torch.Tensor, values: torch.Tensor, check: bool = True) -> None:
+    def replace(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite the layer input at ``rows`` (B, T) bool with ``values`` (B, T, D) at those rows;
-        the rows must be kept by every op of this layer (their new content then flows on). ``check=False``
-        skips that check (a host sync) for a caller that knows it holds."""
+        the rows must be kept by every op of this layer (their new content then flows on)."""
         if rows.shape != self._call.valid.shape or rows.dtype != torch.bool:
             raise EngineError(f"replace rows must be a bool mask of shape {tuple(self._call.valid.shape)}")
         if values.shape != self.hidden.shape:
             raise EngineError(f"replace values must have the hidden shape {tuple(self.hidden.shape)}")
-        if check:
-            kept = self.keep(OpType.Q) & self.keep(OpType.KV) & self.keep(OpType.MLP)
-            if bool((rows & ~kept).any()):
-                raise EngineError(f"layer {self.layer_idx}: replace() touches rows that this layer does not keep")
+        kept = self.keep(OpType.Q) & self.keep(OpType.KV) & self.keep(OpType.MLP)
+        if bool((rows & ~kept).any()):  # a host sync, kept: a wrong replace would corrupt rows silently
+            raise EngineError(f"layer {self.layer_idx}: replace() touches rows that this layer does not keep")
         self.hidden = torch.where(rows.unsqueeze(-1), values.to(self.hidden.dtype), self.hidden)
 
     def watch_attention(self, query_index: torch.Tensor | None = None, keys: bool = False) -> LayerProbe:
@@ -511,7 +509,8 @@ def _dense_with_probes(layer: nn.Module, own_forward, hidden: torch.Tensor, args
     if hasattr(attn, "k_norm"):  # per head (Qwen3-VL)
         k = attn.k_norm(k)
     k = _rotate(module, k.transpose(1, 2), cos, sin)
-    rows = _Rows(torch.arange(T, device=hidden.device).expand(B, T), valid, True)  # a dense layer keeps the valid rows
+    # every position present (no gather); the valid rows are the kept keys of a dense layer
+    rows = _Rows(torch.arange(T, device=hidden.device).expand(B, T), valid, True)
     _fill_probes(layer, probes, hidden, k, rows, kwargs["position_embeddings"], normed=seen["h"])
     return out
 
@@ -632,7 +631,8 @@ def _prefill_layer(
     cos_kv, sin_kv = _rope_rows(position_embeddings, plan.kv, B)
     if keys is not None:  # a selector projected this layer's keys on a superset of its rows: gather them
         # (padding slots may pick any row of keys: they are masked like every padding slot)
-        pos = torch.searchsorted(keys.rows.idx.contiguous(), plan.kv.idx.contiguous()).clamp(max=max(keys.rows.count - 1, 0))
+        pos = torch.searchsorted(keys.rows.idx.contiguous(), plan.kv.idx.contiguous())
+        pos = pos.clamp(max=max(keys.rows.count - 1, 0))
         h_kv = keys.h.gather(1, pos.unsqueeze(-1).expand(-1, -1, D))
         k = keys.k.gather(2, pos[:, None, :, None].expand(-1, keys.k.shape[1], -1, keys.k.shape[3]))
     else:
