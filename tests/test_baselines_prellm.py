@@ -21,7 +21,7 @@ from dop.engine.baselines.cdpruner import dpp_greedy
 from dop.engine.baselines.divprune import divprune_select
 from dop.engine.baselines.fastervlm import fastervlm_select
 from dop.engine.baselines.prumerge import prumerge_select, prumerge_tokens
-from dop.engine.baselines.reducer import iqr_outliers, shorten_prompt
+from dop.engine.baselines.reducer import _tower_layers, iqr_outliers, shorten_prompt
 from dop.engine.baselines.trim import trim_tokens
 from dop.engine.baselines.visionzip import split_budget, visionzip_tokens
 from dop.engine.baselines.vispruner import vispruner_select
@@ -92,6 +92,24 @@ def test_divprune_keeps_one_per_duplicate_set():
     tokens = base[groups].unsqueeze(0) * torch.rand(1, 10, 1, generator=g).add(0.5)  # cosine ignores scale
     kept = divprune_select(tokens, 5)[0].tolist()
     assert sorted({groups[i] for i in kept}) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("name", ["fastervlm", "visionzip", "prumerge_plus", "vispruner"])
+def test_the_tower_projects_keys_once(llava, name):
+    """[CLS] attention and keys come from the tower's own k_proj (only the [CLS] query is projected again)."""
+    model, make = llava
+    m = method(name)
+    calls = {}
+    hooks = [layer.self_attn.k_proj.register_forward_hook(
+        lambda mod, a, out, i=i: calls.setdefault(i, []).append(a[0].shape[1])) for i, layer in
+        enumerate(_tower_layers(model))]
+    try:
+        with torch.no_grad(), m.apply(model, 4):
+            model(**m.prepare_inputs(model, make(batch=2, seed=1), 4))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(c == [17] for c in calls.values())  # each layer once, on [CLS] + 16 patches: the tower's own call
 
 
 def test_batched_selections_equal_one_image_at_a_time():
