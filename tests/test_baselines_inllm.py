@@ -378,3 +378,29 @@ def test_bad_knobs_and_depths():
         get_method("vtw").selectors(model, 5)
     with pytest.raises(MethodError, match="do not fit"):
         get_method("pdrop", layer_list=[30, 31, 32]).schedule(PROMPT, 32, None)
+
+
+@pytest.mark.parametrize("name", sorted(KNOBS))
+def test_keys_are_projected_once_per_kept_row(name):
+    """Scoring reuses the keys a layer computes: the decoder's k_proj sees exactly the kept kv rows of
+    the FLOPs schedule (PyramidDrop, which scores a layer's rows before that layer drops them, adds
+    the keys of the rows each stage drops), so no layer's keys are projected twice."""
+    model, make_inputs = tiny("llava", "sdpa")
+    inputs = make_inputs(1, seed=3)
+    method, knob = case(name, "llava")
+    rows = []
+    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[1]))
+             for layer in get_adapter(model).decoder_layers()]
+    try:
+        with torch.no_grad(), method.apply(model, knob):
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups = {g: int(m.sum()) for g, m in
+              get_adapter(model).token_groups(inputs["input_ids"], inputs["attention_mask"]).items()}
+    schedule = method.schedule(groups, 4, knob)
+    expected = sum(sum(layer.values()) for layer in schedule)
+    if name == "pdrop":
+        expected += sum(schedule[s - 1]["vision"] - schedule[s]["vision"] for s, _ in method.stages(4, knob))
+    assert sum(rows) == expected
