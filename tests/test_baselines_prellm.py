@@ -187,6 +187,46 @@ def test_shorten_prompt_keeps_padding_side():
     assert new.tolist() == [[5, 4, 7, 0], [5, 6, 4, 7]] and m.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
 
 
+def _shorten_one_by_one(ids, mask, image_token, per_image, k, right):
+    """The per-token reference: keep non-image tokens and the first k of each run of per_image."""
+    rows = []
+    for b in range(ids.shape[0]):
+        kept, run = [], 0
+        for t in ids[b][mask[b].bool()].tolist():
+            if t == image_token:
+                if run % per_image < k:
+                    kept.append(t)
+                run += 1
+            else:
+                kept.append(t)
+        rows.append(kept)
+    L = max(len(r) for r in rows)
+    pad = [[0] * (L - len(r)) for r in rows]
+    new = [r + p if right else p + r for r, p in zip(rows, pad, strict=True)]
+    m = [[1] * len(r) + [0] * len(p) if right else [0] * len(p) + [1] * len(r) for r, p in zip(rows, pad, strict=True)]
+    return new, m
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_shorten_prompt_equals_the_per_token_rule(right):
+    g = torch.Generator().manual_seed(int(right))
+    for trial in range(20):
+        B, per_image, k = 3, 4, trial % 5
+        samples = []
+        for _ in range(B):  # text, then 1-2 images, then text, random lengths
+            images = int(torch.randint(1, 3, (1,), generator=g))
+            text = torch.randint(5, 9, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+            tail = torch.randint(5, 9, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist()
+            samples.append(text + [4] * (per_image * images) + tail)
+        T = max(len(x) for x in samples)
+        ids = torch.tensor([x + [0] * (T - len(x)) if right else [0] * (T - len(x)) + x for x in samples])
+        mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) if right else [0] * (T - len(x)) + [1] * len(x)
+                             for x in samples])
+        new, m = shorten_prompt(ids, mask, 4, per_image, k)
+        ref_ids, ref_mask = _shorten_one_by_one(ids, mask, 4, per_image, k, right and bool((mask[:, -1] == 0).any()))
+        assert new.tolist() == ref_ids and m.tolist() == ref_mask
+
+
 # --------------------------------------------------------------------------------------------
 # The model runs on the shorter prompt
 # --------------------------------------------------------------------------------------------
