@@ -91,19 +91,16 @@ def uniform_schedule(groups: Mapping[str, int], num_layers: int, changes: Mappin
     return out
 
 
-def topk_rows(score: Any, allowed: Any, k: Sequence[int] | int) -> Any:
-    """(B, T) bool: per sample, the ``k`` highest-scoring ``allowed`` rows (ties by position)."""
-    import torch
-
+def topk_rows(score: torch.Tensor, allowed: torch.Tensor, k: Sequence[int] | int | torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: per sample, the ``k`` highest-scoring ``allowed`` rows (ties by position); ``k`` an
+    int, or one count per sample (a list or a (B,) tensor). Tensor ops only (no host sync)."""
     B, T = allowed.shape
-    ks = [int(k)] * B if isinstance(k, int) else [int(x) for x in k]
     masked = score.float().masked_fill(~allowed, float("-inf"))
     order = masked.argsort(dim=1, descending=True, stable=True)
-    keep = torch.zeros_like(allowed)
-    for b in range(B):
-        n = min(ks[b], int(allowed[b].sum()))
-        keep[b, order[b, :n]] = True
-    return keep
+    k = torch.as_tensor(k, device=allowed.device).expand(B)
+    n = torch.minimum(k, allowed.sum(dim=1))
+    first = torch.arange(T, device=allowed.device).expand(B, T) < n[:, None]  # the first n of each order
+    return torch.zeros_like(allowed).scatter(1, order, first)
 
 
 # --- helpers shared by the in-LLM selectors -----------------------------------------------

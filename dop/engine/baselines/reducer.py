@@ -9,14 +9,18 @@ How it runs on one model instance (nothing is patched, every hook is removed on 
 - ``reduce_inputs(model, inputs, k)`` rewrites ``input_ids``/``attention_mask`` so that each image
   has exactly ``k`` ``<image>`` placeholders (the padding side of the batch is kept).
 - ``apply(model, k)`` installs, for the block:
-  * forward pre-hooks on the ``self_attn`` of the vision-tower layers the method reads; they keep
-    that layer's attention *input* (after ``layer_norm1``), from which ``VisionContext`` recomputes
-    the [CLS] attention row or the keys with the layer's own ``q_proj``/``k_proj``. Only these rows
-    are computed; the tower keeps its attention backend (SDPA) and never runs eager;
+  * forward pre-hooks on the ``self_attn`` of the vision-tower layers the method reads, and forward
+    hooks on their ``q_proj``/``k_proj``; they keep that layer's attention *input* (after
+    ``layer_norm1``) and the tower's own q/k projections of it, from which ``VisionContext`` computes
+    the [CLS] attention row (only the [CLS] query is projected again, one row) or reads the keys.
+    The tower keeps its attention backend (SDPA) and never runs eager;
   * a forward hook on the encoder layer whose output is the LLaVA feature layer (for the [CLS]
     hidden state, which the ``default`` feature strategy drops before the projector);
-  * a forward hook on ``model.model.multi_modal_projector`` that replaces its output
-    ``(images, N, D)`` by the method's ``(images, k, D)`` tokens (``ReducerMethod.reduce``).
+  * a forward pre-hook on ``model.model.multi_modal_projector`` that runs the method
+    (``ReducerMethod.reduce``) on its input ``(images, N, C)``: the method projects only the ``k``
+    tokens it keeps (``VisionContext.project``), or every token when its selection reads them
+    (``VisionContext.projected``: DivPrune, CDPruner); the projector call itself gets no rows, and a
+    forward hook replaces its empty output by the method's ``(images, k, D)`` tokens.
   The projector only runs at prefill, so ``model.generate`` works unchanged.
 
 Supported: ``LlavaForConditionalGeneration`` (``model_type == "llava"``) with a CLIP-style vision
@@ -38,7 +42,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -142,17 +145,36 @@ def scaled_layer(index: int, of: int, num_layers: int) -> int:
 # --------------------------------------------------------------------------------------------
 # What a method sees
 # --------------------------------------------------------------------------------------------
-@dataclass
 class VisionContext:
-    """Everything captured for one projector call (``n`` images, ``N`` patches each)."""
+    """Everything captured for one projector call (``n`` images, ``N`` patches each).
 
-    model: nn.Module
-    features: torch.Tensor  # (n, N, C) projector input: patch features of the feature layer
-    projected: torch.Tensor  # (n, N, D) projector output
-    cls_hidden: torch.Tensor | None  # (n, C) [CLS] hidden state at the feature layer
-    attn_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, 1+N, C) self_attn input
-    texts: list[Any] | None = None  # per image: text embeddings (segments, P) for text-guided methods
-    _project: Any = None
+    ``features`` (n, N, C): the projector input (patch features of the feature layer); ``cls_hidden``
+    (n, C): the [CLS] hidden state there; ``attn_inputs``: layer -> (n, 1+N, C) ``self_attn`` input;
+    ``attn_qk``: layer -> the tower's own ``q_proj``/``k_proj`` outputs there (n, 1+N, C each), so keys
+    are not projected a second time; ``texts``: per image, text embeddings (segments, P) for
+    text-guided methods. ``projected`` (n, N, D), the projector output of every patch, is computed on
+    first use only: a method that picks or merges in vision space projects just its ``k`` tokens.
+    """
+
+    def __init__(self, model: nn.Module, features: torch.Tensor, projected: torch.Tensor | None = None,
+                 cls_hidden: torch.Tensor | None = None, attn_inputs: dict[int, torch.Tensor] | None = None,
+                 texts: list[Any] | None = None, _project: Any = None,
+                 attn_qk: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        self.model, self.features, self.cls_hidden = model, features, cls_hidden
+        self.attn_inputs = dict(attn_inputs or {})
+        self.attn_qk = dict(attn_qk or {})
+        self.texts, self._project, self._projected = texts, _project, projected
+
+    @property
+    def projected(self) -> torch.Tensor:
+        if self._projected is None:
+            self._projected = self.project(self.features)
+        return self._projected
+
+    @property
+    def has_projected(self) -> bool:
+        """Whether every patch has been projected already (then gathering beats projecting again)."""
+        return self._projected is not None
 
     @property
     def feature_layer(self) -> int:
@@ -167,15 +189,20 @@ class VisionContext:
             raise MethodError(f"vision layer {layer} was not captured; list it in attn_layers()")
         return _tower_layers(self.model)[layer].self_attn
 
+    def _k(self, layer: int) -> torch.Tensor:
+        """(n, 1+N, C) ``k_proj`` output of ``layer``: the tower's own when captured."""
+        attn = self._attn(layer)
+        return self.attn_qk[layer][1] if layer in self.attn_qk else attn.k_proj(self.attn_inputs[layer])
+
     def cls_attention(self, layer: int | None = None) -> torch.Tensor:
         """(n, heads, N): softmax [CLS] row of ``layer`` (default: the feature layer) over all 1+N keys,
-        restricted to the patch columns, recomputed from that layer's ``q_proj``/``k_proj``."""
+        restricted to the patch columns, from that layer's keys and its ``q_proj`` of the [CLS] row."""
         layer = self.feature_layer if layer is None else layer
         attn, x = self._attn(layer), self.attn_inputs[layer]
         n, t, _ = x.shape
         hd = attn.head_dim
         q = attn.q_proj(x[:, :1]).view(n, 1, -1, hd).transpose(1, 2)  # (n, H, 1, hd)
-        k = attn.k_proj(x).view(n, t, -1, hd).transpose(1, 2)  # (n, H, T, hd)
+        k = self._k(layer).view(n, t, -1, hd).transpose(1, 2)  # (n, H, T, hd)
         w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
         return w[:, :, 0, 1:]
 
@@ -183,11 +210,13 @@ class VisionContext:
         """(n, heads, 1+N, head_dim): the keys of ``layer`` ([CLS] first)."""
         attn, x = self._attn(layer), self.attn_inputs[layer]
         n, t, _ = x.shape
-        return attn.k_proj(x).view(n, t, -1, attn.head_dim).transpose(1, 2)
+        return self._k(layer).view(n, t, -1, attn.head_dim).transpose(1, 2)
 
     def qk_full(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, 1+N, C) un-split ``q_proj``/``k_proj`` outputs of ``layer`` (PruMerge's single-head view)."""
         attn, x = self._attn(layer), self.attn_inputs[layer]
+        if layer in self.attn_qk:
+            return self.attn_qk[layer]
         return attn.q_proj(x), attn.k_proj(x)
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
@@ -211,11 +240,11 @@ def topk_sorted(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def complement(index: torch.Tensor, n: int) -> torch.Tensor:
-    """(rows, n - m) ascending indices not in ``index`` (rows, m)."""
+    """(rows, n - m) ascending indices not in ``index`` (rows, m; distinct per row)."""
     keep = torch.ones(index.shape[0], n, dtype=torch.bool, device=index.device)
     keep.scatter_(1, index, False)
-    return torch.stack([row.nonzero().squeeze(-1) for row in keep]) if n - index.shape[1] > 0 else \
-        index.new_zeros(index.shape[0], 0)
+    pos = torch.arange(n, device=index.device).expand(index.shape[0], n)
+    return torch.where(keep, pos, torch.full_like(pos, n)).sort(dim=1).values[:, : n - index.shape[1]]
 
 
 def evenly_spaced(candidates: torch.Tensor, m: int) -> torch.Tensor:
@@ -238,33 +267,30 @@ def iqr_outliers(score: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def shorten_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int,
                    per_image: int, k: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each run of ``per_image`` ``image_token``s becomes ``k`` of them; padding side is preserved."""
+    """Each run of ``per_image`` ``image_token``s becomes ``k`` of them; padding side is preserved.
+
+    Tensor ops: every kept token moves to its rank among its sample's kept tokens (after the left
+    padding of the new width when the batch is left padded)."""
     B, T = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    right = bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any())
-    rows = []
-    for b in range(B):
-        ids = input_ids[b][mask[b].bool()]
-        is_img = ids == image_token
-        n_img = int(is_img.sum())
-        if n_img % per_image:
-            raise MethodError(f"sample {b}: {n_img} image placeholders is not a multiple of {per_image} per image")
-        out, run = [], 0
-        for tok, img in zip(ids.tolist(), is_img.tolist(), strict=True):
-            if img:
-                if run % per_image < k:
-                    out.append(tok)
-                run += 1
-            else:
-                out.append(tok)
-        rows.append(out)
-    L = max(len(r) for r in rows)
-    new_ids = input_ids.new_full((B, L), pad_id)
-    new_mask = mask.new_zeros((B, L))
-    for b, r in enumerate(rows):
-        sl = slice(0, len(r)) if right else slice(L - len(r), L)
-        new_ids[b, sl] = torch.tensor(r, dtype=input_ids.dtype)
-        new_mask[b, sl] = 1
+    valid = mask.bool()
+    is_img = (input_ids == image_token) & valid
+    n_img = is_img.sum(1)
+    run = is_img.cumsum(1) - 1  # each placeholder's index among its sample's placeholders
+    keep = valid & (~is_img | (run % per_image < k))
+    lengths = keep.sum(1)
+    # one host sync: the padding side, the placeholder check and the new width decide shapes and errors
+    pad_end, pad_start, bad, width = torch.stack([(mask[:, -1] == 0).any(), (mask[:, 0] == 0).any(),
+                                                  (n_img % per_image != 0).any(), lengths.max()]).tolist()
+    if bad:
+        b = int((n_img % per_image != 0).nonzero()[0, 0])
+        raise MethodError(f"sample {b}: {int(n_img[b])} image placeholders is not a multiple of {per_image} per image")
+    right = bool(pad_end) and not pad_start
+    rank = keep.cumsum(1) - 1
+    dest = rank if right else rank + (width - lengths)[:, None]
+    dest = torch.where(keep, dest, torch.full_like(dest, width))  # dropped tokens go to a scratch column
+    new_ids = input_ids.new_full((B, width + 1), pad_id).scatter(1, dest, input_ids)[:, :width]
+    new_mask = mask.new_zeros((B, width + 1)).scatter(1, dest, keep.to(mask.dtype))[:, :width]
     return new_ids, new_mask
 
 
@@ -298,10 +324,13 @@ class ReducerMethod(Method):
         raise NotImplementedError
 
     def reduce(self, ctx: VisionContext, k: int) -> torch.Tensor:
-        """(n, k, D) tokens for the LLM; default: the projected tokens at ``select``'s indices."""
+        """(n, k, D) tokens for the LLM; default: the projected tokens at ``select``'s indices (only
+        those are projected, unless ``select`` read every projected token already)."""
         idx = self.select(ctx, k)
         self.last_selection = idx
-        return ctx.gather(ctx.projected, idx)
+        if ctx.has_projected:
+            return ctx.gather(ctx.projected, idx)
+        return ctx.project(ctx.gather(ctx.features, idx))
 
     def select_image(self, img: ImageTokens, k: int) -> torch.Tensor:
         """Qwen-VL: (k,) ascending indices of the image's merger-output tokens to keep."""
@@ -382,8 +411,8 @@ class ReducerMethod(Method):
         n_patch = tokens_per_image(model)
         k = min(int(knob), n_patch)
         layers = _tower_layers(model)
-        cap: dict[str, Any] = {"attn": {}, "cls": None}
-        state = {"inner": False}
+        cap: dict[str, Any] = {"attn": {}, "qk": {}, "cls": None}
+        state: dict[str, Any] = {"inner": False, "out": None}
         handles = []
 
         def grab_attn_input(idx):
@@ -391,8 +420,16 @@ class ReducerMethod(Method):
                 cap["attn"][idx] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             return hook
 
+        def grab_projection(idx, which):  # the tower's own q/k projections: not computed a second time
+            def hook(module, args, output):
+                cap["qk"].setdefault(idx, {})[which] = output
+            return hook
+
         for i in sorted(set(self.attn_layers(model))):
-            handles.append(layers[i].self_attn.register_forward_pre_hook(grab_attn_input(i), with_kwargs=True))
+            attn = layers[i].self_attn
+            handles.append(attn.register_forward_pre_hook(grab_attn_input(i), with_kwargs=True))
+            handles.append(attn.q_proj.register_forward_hook(grab_projection(i, "q")))
+            handles.append(attn.k_proj.register_forward_hook(grab_projection(i, "k")))
 
         def grab_feature(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
@@ -421,7 +458,10 @@ class ReducerMethod(Method):
             finally:
                 state["inner"] = False
 
-        def replace_output(module, args, output):
+        # The reduction runs before the projector: the method projects only what it keeps (or reads
+        # every projected token through ctx.projected); the projector call itself then gets no rows
+        # and its (empty) output is replaced by the method's tokens.
+        def reduce_input(module, args):
             if state["inner"]:
                 return None
             feats = args[0]
@@ -429,23 +469,31 @@ class ReducerMethod(Method):
                 raise MethodError(f"projector input has {feats.shape[1]} rows per image, expected {n_patch}")
             if k >= n_patch:
                 return None
+            if k == 0:
+                return (feats[:, :0], *args[1:])
             texts = None
             if self.needs_text:
                 samples = self._image_samples
                 if self._texts is None or samples is None or len(samples) != feats.shape[0]:
                     raise MethodError(f"method {self.name!r}: no instruction encoded; call reduce_inputs first")
                 texts = [self._texts[int(s)] for s in samples]
-            ctx = VisionContext(model=model, features=feats, projected=output, cls_hidden=cap["cls"],
-                                attn_inputs=dict(cap["attn"]), texts=texts, _project=project)
-            if k == 0:
-                return output[:, :0]
+            qk = {i: (c["q"], c["k"]) for i, c in cap["qk"].items() if "q" in c and "k" in c}
+            ctx = VisionContext(model=model, features=feats, cls_hidden=cap["cls"], attn_inputs=dict(cap["attn"]),
+                                texts=texts, _project=project, attn_qk=qk)
             with torch.no_grad():
-                new = self.reduce(ctx, k)
+                state["out"] = self.reduce(ctx, k)
+            return (feats[:, :0], *args[1:])
+
+        def replace_output(module, args, output):
+            if state["inner"] or state["out"] is None:
+                return None
+            new, state["out"] = state["out"], None
             if tuple(new.shape) != (output.shape[0], k, output.shape[2]):
                 raise MethodError(f"method {self.name!r} returned {tuple(new.shape)}, expected "
                                   f"{(output.shape[0], k, output.shape[2])}")
             return new.to(output.dtype)
 
+        handles.append(projector.register_forward_pre_hook(reduce_input))
         handles.append(projector.register_forward_hook(replace_output))
         try:
             yield self

@@ -186,6 +186,8 @@ class NextVisualReducer(QwenVisualReducer):
         self._handles = [
             inner.register_forward_pre_hook(self._check_call, with_kwargs=True),
             layer.self_attn.register_forward_pre_hook(self._grab_attn, with_kwargs=True),
+            layer.self_attn.q_proj.register_forward_hook(self._grab_projection("q")),
+            layer.self_attn.k_proj.register_forward_hook(self._grab_projection("k")),
             inner.multi_modal_projector.register_forward_pre_hook(self._grab_features),
         ]
         original = inner.pack_image_features
@@ -208,6 +210,11 @@ class NextVisualReducer(QwenVisualReducer):
 
     def _grab_attn(self, module, args, kwargs) -> None:
         self._cap["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def _grab_projection(self, which: str):  # the tower's own q/k projections: not repeated
+        def hook(module, args, output) -> None:
+            self._cap[which] = output
+        return hook
 
     def _grab_features(self, module, args) -> None:
         self._cap["features"] = args[0]
@@ -257,7 +264,8 @@ class NextVisualReducer(QwenVisualReducer):
         with torch.no_grad():
             layer = feature_layer_index(self.model)
             vctx = VisionContext(model=self.model, features=self._cap["features"], projected=torch.cat(image_features),
-                                 cls_hidden=None, attn_inputs={layer: self._cap["x"]})
+                                 cls_hidden=None, attn_inputs={layer: self._cap["x"]},
+                                 attn_qk={layer: (self._cap["q"], self._cap["k"])})
             keys = vctx.keys(layer)  # (crops, H, 1+N, hd)
             ctx = {"score": vctx.cls_attention(layer).mean(dim=1), "features": self._cap["features"],
                    "keys": keys.transpose(1, 2).reshape(keys.shape[0], keys.shape[2], -1)}
