@@ -21,7 +21,7 @@ from dop.engine.baselines.cdpruner import dpp_greedy
 from dop.engine.baselines.divprune import divprune_select
 from dop.engine.baselines.fastervlm import fastervlm_select
 from dop.engine.baselines.prumerge import prumerge_select, prumerge_tokens
-from dop.engine.baselines.reducer import _tower_layers, iqr_outliers, shorten_prompt
+from dop.engine.baselines.reducer import iqr_outliers, shorten_prompt, tower_layers
 from dop.engine.baselines.trim import trim_tokens
 from dop.engine.baselines.visionzip import split_budget, visionzip_tokens
 from dop.engine.baselines.vispruner import vispruner_select
@@ -102,7 +102,7 @@ def test_the_tower_projects_keys_once(llava, name):
     calls = {}
     hooks = [layer.self_attn.k_proj.register_forward_hook(
         lambda mod, a, out, i=i: calls.setdefault(i, []).append(a[0].shape[1])) for i, layer in
-        enumerate(_tower_layers(model))]
+        enumerate(tower_layers(model))]
     try:
         with torch.no_grad(), m.apply(model, 4):
             model(**m.prepare_inputs(model, make(batch=2, seed=1), 4))

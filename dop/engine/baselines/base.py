@@ -75,11 +75,6 @@ class Method:
             yield pruner
 
 
-def _text(config: Any) -> Any:
-    get = getattr(config, "get_text_config", None)
-    return get(decoder=True) if get is not None else config
-
-
 def uniform_schedule(groups: Mapping[str, int], num_layers: int, changes: Mapping[int, Mapping[str, int]]
                      ) -> list[dict[str, int]]:
     """Group sizes per layer with ``changes[l]`` applied from layer ``l`` on."""
@@ -109,12 +104,6 @@ def last_rows(valid: torch.Tensor) -> torch.Tensor:
     T = valid.shape[1]
     pos = torch.arange(T, device=valid.device).expand_as(valid)
     return torch.where(valid, pos, torch.full_like(pos, -1)).max(dim=1, keepdim=True).values.clamp(min=0)
-
-
-def num_layers_of(model: nn.Module) -> int:
-    from dop.adapters import get_adapter
-
-    return get_adapter(model).num_layers
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None, method: str = "") -> int:

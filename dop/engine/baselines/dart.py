@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dop.adapters import get_adapter
 from dop.engine.baselines.base import Method, MethodError, check_int, topk_rows, uniform_schedule
 from dop.ops import INSTRUCTION, VISION
 
@@ -119,8 +120,6 @@ class DART(Method):
         return uniform_schedule(groups, num_layers, {self._K(num_layers): {VISION: keep}})
 
     def selectors(self, model: nn.Module, knob: Any) -> list[Any]:
-        from dop.adapters import get_adapter
-
         check_int("knob (budget)", knob, 0, method=self.name)
         layers = get_adapter(model).decoder_layers()
         pivots = (self.hparams["pivot_image_tokens"], self.hparams["pivot_text_tokens"])

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from dop import flops
 from dop.engine.baselines.base import (
     Method,
     MethodError,
     check_int,
     last_rows,
-    num_layers_of,
     topk_rows,
     uniform_schedule,
 )
@@ -77,4 +77,4 @@ class FastV(Method):
         return uniform_schedule(groups, num_layers, {K: {VISION: min(R, int(groups.get(VISION, 0)))}})
 
     def selectors(self, model: nn.Module, knob: Any) -> list[Any]:
-        return [_FastVSelector(self._check_depth(num_layers_of(model)), self._keep(knob))]
+        return [_FastVSelector(self._check_depth(flops.num_layers(model)), self._keep(knob))]

@@ -37,11 +37,11 @@ from dop.engine.baselines.reducer import (
     ImageTokens,
     ReducerMethod,
     VisionContext,
-    _tower_layers,
     complement,
     evenly_spaced,
     iqr_outliers,
 )
+from dop.engine.baselines.vision_context import tower_layers
 
 
 def prumerge_select(cls_attn: torch.Tensor, k: int) -> torch.Tensor:
@@ -84,7 +84,7 @@ class PruMergePlus(ReducerMethod):
     defaults: ClassVar[dict] = {"neighbours": 32, "qk_layer": -1}
 
     def qk_layer(self, model) -> int:
-        return int(self.hparams["qk_layer"]) % len(_tower_layers(model))
+        return int(self.hparams["qk_layer"]) % len(tower_layers(model))
 
     def attn_layers(self, model) -> list[int]:
         return [self.qk_layer(model)]

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dop import flops
 from dop.engine.baselines.base import (
     Method,
     MethodError,
     last_rows,
-    num_layers_of,
     scale_layers,
     topk_rows,
     uniform_schedule,
@@ -149,4 +149,4 @@ class PyramidDrop(Method):
         return uniform_schedule(groups, num_layers, changes)
 
     def selectors(self, model: nn.Module, knob: Any) -> list[Any]:
-        return [_PDropSelector(self.stages(num_layers_of(model), knob))]
+        return [_PDropSelector(self.stages(flops.num_layers(model), knob))]

@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer, CLIPModel
 
 from dop.engine.baselines.base import Method, MethodError, uniform_schedule
 from dop.engine.baselines.vision_access import (
@@ -62,11 +63,12 @@ from dop.engine.baselines.vision_access_next import (
     image_samples,
     is_llava_next,
 )
+from dop.engine.baselines.vision_context import VisionContext, feature_layer_index, tower_layers
 from dop.engine.core import prune
+from dop.models import resolve_path
 from dop.ops import VISION
 
 SUPPORTED_MODEL_TYPES = ("llava", *QWEN_MODEL_TYPES, *NEXT_MODEL_TYPES)
-LLAVA_ONLY = ("llava",)
 CLIP_TOWER_TYPES = ("llava", "llava_next")  # CLIP-L/336 towers: a CLIP text tower shares their joint space
 
 
@@ -79,12 +81,6 @@ def drops_rows(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------
 # Model access
 # --------------------------------------------------------------------------------------------
-def _tower_layers(model: nn.Module) -> nn.ModuleList:
-    tower = model.model.vision_tower
-    inner = getattr(tower, "vision_model", tower)
-    return inner.encoder.layers
-
-
 def check_reducible(model: nn.Module, method: str, model_types: tuple[str, ...] = SUPPORTED_MODEL_TYPES,
                     why: str = "") -> None:
     """Raise ``MethodError`` unless ``model`` is a family the reducer supports (``why``: the reason a
@@ -110,7 +106,7 @@ def check_reducible(model: nn.Module, method: str, model_types: tuple[str, ...] 
         raise MethodError(f"method {method!r}: vision_feature_select_strategy "
                           f"{cfg.vision_feature_select_strategy!r} is not supported (only 'default': a [CLS] token)")
     try:
-        layers = _tower_layers(model)
+        layers = tower_layers(model)
         layers[0].self_attn.q_proj, layers[0].self_attn.k_proj  # noqa: B018
     except AttributeError as e:
         raise MethodError(f"method {method!r}: vision tower is not CLIP-like (encoder.layers[i].self_attn."
@@ -130,102 +126,9 @@ def tokens_per_image(model: nn.Module) -> int:
     return (int(vc.image_size) // int(vc.patch_size)) ** 2
 
 
-def feature_layer_index(model: nn.Module) -> int:
-    """The encoder layer whose output is ``hidden_states[vision_feature_layer]`` (-2 -> L-2)."""
-    n = len(_tower_layers(model))
-    f = int(model.config.vision_feature_layer)
-    return f % (n + 1) - 1
-
-
 def scaled_layer(index: int, of: int, num_layers: int) -> int:
     """Layer ``index`` of a ``of``-layer tower mapped to a ``num_layers``-layer one (VisionZip's 22/24)."""
     return max(0, min(num_layers - 1, round(index * num_layers / of)))
-
-
-# --------------------------------------------------------------------------------------------
-# What a method sees
-# --------------------------------------------------------------------------------------------
-class VisionContext:
-    """Everything captured for one projector call (``n`` images, ``N`` patches each).
-
-    ``features`` (n, N, C): the projector input (patch features of the feature layer); ``cls_hidden``
-    (n, C): the [CLS] hidden state there; ``attn_inputs``: layer -> (n, 1+N, C) ``self_attn`` input;
-    ``attn_qk``: layer -> the tower's own ``q_proj``/``k_proj`` outputs there (n, 1+N, C each), so keys
-    are not projected a second time; ``texts``: per image, text embeddings (segments, P) for
-    text-guided methods. ``projected`` (n, N, D), the projector output of every patch, is computed on
-    first use only: a method that picks or merges in vision space projects just its ``k`` tokens.
-    """
-
-    def __init__(self, model: nn.Module, features: torch.Tensor, projected: torch.Tensor | None = None,
-                 cls_hidden: torch.Tensor | None = None, attn_inputs: dict[int, torch.Tensor] | None = None,
-                 texts: list[Any] | None = None, _project: Any = None,
-                 attn_qk: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        self.model, self.features, self.cls_hidden = model, features, cls_hidden
-        self.attn_inputs = dict(attn_inputs or {})
-        self.attn_qk = dict(attn_qk or {})
-        self.texts, self._project, self._projected = texts, _project, projected
-
-    @property
-    def projected(self) -> torch.Tensor:
-        if self._projected is None:
-            self._projected = self.project(self.features)
-        return self._projected
-
-    @property
-    def has_projected(self) -> bool:
-        """Whether every patch has been projected already (then gathering beats projecting again)."""
-        return self._projected is not None
-
-    @property
-    def feature_layer(self) -> int:
-        return feature_layer_index(self.model)
-
-    @property
-    def num_layers(self) -> int:
-        return len(_tower_layers(self.model))
-
-    def _attn(self, layer: int) -> nn.Module:
-        if layer not in self.attn_inputs:
-            raise MethodError(f"vision layer {layer} was not captured; list it in attn_layers()")
-        return _tower_layers(self.model)[layer].self_attn
-
-    def _k(self, layer: int) -> torch.Tensor:
-        """(n, 1+N, C) ``k_proj`` output of ``layer``: the tower's own when captured."""
-        attn = self._attn(layer)
-        return self.attn_qk[layer][1] if layer in self.attn_qk else attn.k_proj(self.attn_inputs[layer])
-
-    def cls_attention(self, layer: int | None = None) -> torch.Tensor:
-        """(n, heads, N): softmax [CLS] row of ``layer`` (default: the feature layer) over all 1+N keys,
-        restricted to the patch columns, from that layer's keys and its ``q_proj`` of the [CLS] row."""
-        layer = self.feature_layer if layer is None else layer
-        attn, x = self._attn(layer), self.attn_inputs[layer]
-        n, t, _ = x.shape
-        hd = attn.head_dim
-        q = attn.q_proj(x[:, :1]).view(n, 1, -1, hd).transpose(1, 2)  # (n, H, 1, hd)
-        k = self._k(layer).view(n, t, -1, hd).transpose(1, 2)  # (n, H, T, hd)
-        w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
-        return w[:, :, 0, 1:]
-
-    def keys(self, layer: int) -> torch.Tensor:
-        """(n, heads, 1+N, head_dim): the keys of ``layer`` ([CLS] first)."""
-        attn, x = self._attn(layer), self.attn_inputs[layer]
-        n, t, _ = x.shape
-        return self._k(layer).view(n, t, -1, attn.head_dim).transpose(1, 2)
-
-    def qk_full(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, 1+N, C) un-split ``q_proj``/``k_proj`` outputs of ``layer`` (PruMerge's single-head view)."""
-        attn, x = self._attn(layer), self.attn_inputs[layer]
-        if layer in self.attn_qk:
-            return self.attn_qk[layer]
-        return attn.q_proj(x), attn.k_proj(x)
-
-    def project(self, feats: torch.Tensor) -> torch.Tensor:
-        """Run the multimodal projector on vision-space tokens (n, m, C) -> (n, m, D)."""
-        return self._project(feats)
-
-    def gather(self, tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(n, m, X) rows ``index`` (n, m) of ``tokens`` (n, N, X)."""
-        return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +313,7 @@ class ReducerMethod(Method):
             return
         n_patch = tokens_per_image(model)
         k = min(int(knob), n_patch)
-        layers = _tower_layers(model)
+        layers = tower_layers(model)
         cap: dict[str, Any] = {"attn": {}, "qk": {}, "cls": None}
         state: dict[str, Any] = {"inner": False, "out": None}
         handles = []
@@ -529,20 +432,12 @@ class TextGuidedReducer(ReducerMethod):
         if getattr(self, "_clip", None) is None:
             spec, tok = self.hparams.get("text_tower"), self.hparams.get("text_tokenizer")
             if isinstance(spec, str):
-                from transformers import AutoTokenizer, CLIPModel
-
-                from dop.models import resolve_path  # "tiny_clip_text" -> dop/assets/tiny_clip_text
-
                 clip = CLIPModel.from_pretrained(resolve_path(spec)).eval()
                 tok = AutoTokenizer.from_pretrained(resolve_path(tok if isinstance(tok, str) else spec)) \
                     if not callable(tok) else tok
             else:
                 clip = spec
-                if isinstance(tok, str):
-                    from transformers import AutoTokenizer
-
-                    from dop.models import resolve_path
-
+                if isinstance(tok, str):  # "tiny_clip_text" -> dop/assets/tiny_clip_text
                     tok = AutoTokenizer.from_pretrained(resolve_path(tok))
             self._clip, self._clip_tok = clip, tok
         return self._clip, self._clip_tok

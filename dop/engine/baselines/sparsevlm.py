@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dop import flops
 from dop.engine.baselines.base import (
     Method,
     MethodError,
     last_rows,
-    num_layers_of,
     scale_layers,
     topk_rows,
     uniform_schedule,
@@ -232,5 +232,5 @@ class SparseVLM(Method):
         return uniform_schedule(groups, num_layers, changes)
 
     def selectors(self, model: nn.Module, knob: Any) -> list[Any]:
-        return [_SparseVLMSelector(self.stages(num_layers_of(model), knob), self.hparams["reference_tokens"],
+        return [_SparseVLMSelector(self.stages(flops.num_layers(model), knob), self.hparams["reference_tokens"],
                                    bool(self.hparams["recycle"]))]

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.vision_utils import get_vision_window_index
 
 from dop.engine.baselines.base import MethodError
 from dop.ops import VISION
@@ -94,8 +95,6 @@ def group_order(model: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
     un-permutes its merger output (``window_index``)."""
     visual = _visual(model)
     if model.config.model_type == "qwen2_5_vl":
-        from transformers.vision_utils import get_vision_window_index
-
         index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
                                            window_size=visual.window_size, patch_size=visual.patch_size)
         return index.to(grid_thw.device)

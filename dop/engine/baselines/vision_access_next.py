@@ -71,9 +71,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from dop.engine.baselines.base import MethodError
 from dop.engine.baselines.vision_access import ImageTokens, QwenVisualReducer
+from dop.engine.baselines.vision_context import VisionContext, feature_layer_index, tower_layers
 
 NEXT_MODEL_TYPES = ("llava_next",)
 
@@ -118,8 +120,6 @@ def image_samples(model: nn.Module, input_ids: torch.Tensor, image_sizes: Any) -
     ``image_size_to_num_patches``, its rows from transformers' packing, ``packing_map``, both as in
     ``get_image_features``); each sample's placeholders are its images' rows, images in batch order.
     Nothing in the prompt changes."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
     cfg = model.config
     vc = cfg.vision_config
     if image_sizes is None:
@@ -177,12 +177,10 @@ class NextVisualReducer(QwenVisualReducer):
         self.packing: list[PackedRows] = []
 
     def __enter__(self) -> NextVisualReducer:
-        from dop.engine.baselines.reducer import _tower_layers, feature_layer_index
-
         inner = self.model.model
         if "pack_image_features" in inner.__dict__:
             raise MethodError(f"method {self.name!r}: a reducer is already installed on this model")
-        layer = _tower_layers(self.model)[feature_layer_index(self.model)]
+        layer = tower_layers(self.model)[feature_layer_index(self.model)]
         self._handles = [
             inner.register_forward_pre_hook(self._check_call, with_kwargs=True),
             layer.self_attn.register_forward_pre_hook(self._grab_attn, with_kwargs=True),
@@ -250,8 +248,6 @@ class NextVisualReducer(QwenVisualReducer):
 
     def _reduce(self, image_features: list[torch.Tensor], image_sizes: Any, packed: list[torch.Tensor]
                 ) -> list[torch.Tensor]:
-        from dop.engine.baselines.reducer import VisionContext, feature_layer_index
-
         crops = [int(f.shape[0]) for f in image_features]
         patches = int(image_features[0].shape[1])
         self.packing = packing_map(self.model, crops, image_sizes, patches, packed[0].device)

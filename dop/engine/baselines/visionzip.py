@@ -45,6 +45,7 @@ from dop.engine.baselines.reducer import (
     scaled_layer,
     topk_sorted,
 )
+from dop.engine.baselines.vision_context import tower_layers
 
 
 def split_budget(k: int, dominant_ratio: float) -> tuple[int, int]:
@@ -112,9 +113,7 @@ class VisionZip(ReducerMethod):
     defaults: ClassVar[dict] = {"dominant_ratio": 54 / 64, "key_layer": 22, "key_layer_of": 24}
 
     def key_layer(self, model) -> int:
-        from dop.engine.baselines.reducer import _tower_layers
-
-        return scaled_layer(int(self.hparams["key_layer"]), int(self.hparams["key_layer_of"]), len(_tower_layers(model)))
+        return scaled_layer(int(self.hparams["key_layer"]), int(self.hparams["key_layer_of"]), len(tower_layers(model)))
 
     def attn_layers(self, model) -> list[int]:
         return [feature_layer_index(model), self.key_layer(model)]
