@@ -136,16 +136,20 @@ def default_policies(num_layers: int) -> dict[str, Policy | None]:
     }
 
 
-def _time(fn, repeats: int, warmup: int) -> float:
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _time(fn, repeats: int, warmup: int, clock: str = "wall") -> float:
+    now = CLOCKS[clock]
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return statistics.median(times) if times else 0.0
 
 
@@ -171,14 +175,15 @@ def _method_call(model, inputs: dict, method: Any, knob: Any):
     return go
 
 
-def _interleaved(calls: Mapping[str, Any], warm: set[str], repeats: int, warmup: int) -> dict[str, float]:
+def _interleaved(calls: Mapping[str, Any], warm: set[str], repeats: int, warmup: int, clock: str
+                 ) -> dict[str, float]:
     """Median latency per call over ``repeats`` interleaved rounds (so drift hits all alike)."""
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for name in warm:  # warm-up each policy path once (methods were warmed when they were checked)
         _time(calls[name], repeats=0, warmup=warmup)
     for _ in range(repeats):
         for name, fn in calls.items():
-            samples[name].append(_time(fn, repeats=1, warmup=0))
+            samples[name].append(_time(fn, repeats=1, warmup=0, clock=clock))
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -198,11 +203,13 @@ def run_bench(
     warmup: int = 1,
     methods: Mapping[str, tuple[Any, Any]] | None = None,
     skipped: dict[str, str] | None = None,
+    clock: str = "wall",
     **slice_kwargs,
 ) -> list[BenchRow]:
     """Time every policy and every baseline ``methods[name] = (Method, knob)`` (interleaved rounds,
     so drift hits all alike) and compare with FLOPs. A method that fails its warm-up is left out
-    and its error goes to ``skipped`` (when given)."""
+    and its error goes to ``skipped`` (when given). ``clock``: ``wall`` or ``process`` (CPU time of this
+    process: other jobs' time slices on a shared machine are not counted)."""
     if model is None:
         model, inputs, groups = build_slice(**slice_kwargs)
     text_config = flops_text_config(model)
@@ -218,7 +225,7 @@ def run_bench(
                 skipped[name] = f"{type(err).__name__}: {err}"
             continue
         calls[name] = fn
-    latency = _interleaved(calls, set(policies), repeats, warmup)
+    latency = _interleaved(calls, set(policies), repeats, warmup, clock)
     dense_flops = count_flops(text_config, groups=groups, policy=Policy(), convention="dop")
     base = latency.get("stock")
     rows = [_row(name, count_flops(text_config, groups=groups, policy=policy or Policy(), convention="dop"),

@@ -105,7 +105,7 @@ def test_the_tower_projects_keys_once(llava, name):
         enumerate(tower_layers(model))]
     try:
         with torch.no_grad(), m.apply(model, 4):
-            model(**m.prepare_inputs(model, make(batch=2, seed=1), 4))
+            model(**m.reduce_inputs(model, make(batch=2, seed=1), 4))
     finally:
         for h in hooks:
             h.remove()
@@ -280,7 +280,7 @@ def test_projector_runs_once_on_what_the_method_needs(llava, clip_tower, name):
     handle = model.model.multi_modal_projector.register_forward_hook(lambda mod, a, out: rows.append(a[0].shape[1]))
     try:
         with torch.no_grad(), m.apply(model, k):
-            model(**m.prepare_inputs(model, batch_inputs(make, n_img, 2, name), k))
+            model(**m.reduce_inputs(model, batch_inputs(make, n_img, 2, name), k))
     finally:
         handle.remove()
     # the model's own call gets no rows (its output is replaced); the method's one call: all 16 patches

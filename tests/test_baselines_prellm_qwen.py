@@ -235,7 +235,7 @@ def test_the_score_block_projects_qkv_once(qwen, name):
     inp = make_inputs(2, 1)
     try:
         with torch.no_grad(), m.apply(model, 3):
-            model(**m.prepare_inputs(model, inp, 3))
+            model(**m.reduce_inputs(model, inp, 3))
     finally:
         handle.remove()
     assert calls == [int(inp["image_grid_thw"].prod(-1).sum())]  # one call: the tower's, over every patch
