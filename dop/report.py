@@ -274,9 +274,9 @@ def policy_title(policy: Any, name: str | None = None) -> str:
     if meta.get("ratio") is not None:
         facts.append(f"{100 * float(meta['ratio']):.1f}% of dense FLOPs")
     if meta.get("predicted_kl") is not None:
-        facts.append(f"KL predicted {float(meta['predicted_kl']):.4f}")
+        facts.append(f"KL predicted {float(meta['predicted_kl']):.3g}")
     if meta.get("measured_kl") is not None:
-        facts.append(f"measured {float(meta['measured_kl']):.4f}")
+        facts.append(f"measured {float(meta['measured_kl']):.3g}")
     if getattr(policy, "n_v", None) is not None:
         facts.append(f"n_v {policy.n_v} ({policy.reducer})")
     return "\n".join(x for x in (head or "policy", ", ".join(facts)) if x)

@@ -62,6 +62,9 @@ def test_unknown_solver_and_infeasible_budget(tmp_path, monkeypatch):
     job = tiny_job(tmp_path, layers=3, pairs=[("kv", "vision")])
     with pytest.raises(ConfigError, match="method.solver='magic' is not valid; valid: exact, greedy"):
         _conf(tmp_path, "method.solver=magic")
-    conf = _conf(tmp_path, "budget.values=[0.05]")  # only vision kv searched: far below reach
+    conf = _conf(tmp_path, "budget.values=[0.3]")  # sensible, but only vision kv searched: far below reach
     with pytest.raises(search.InfeasibleBudgetError, match="cheapest policy this search space reaches"):
+        search_stage.execute(conf, job=job)
+    conf = _conf(tmp_path, "budget.values=[0.01]")  # below any sensible policy: refused before the sweep
+    with pytest.raises(ConfigError, match="below the cheapest sensible policy"):
         search_stage.execute(conf, job=job)

@@ -6,9 +6,12 @@ benchmark through the dop plugin, and the signature that says when a stored reco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import logging
+import os
 import re
 import resource
 import time
@@ -214,8 +217,17 @@ def evaluate_benchmark(lm: Any, setup: TaskSetup, limit: Any = None, output_dir:
     task_manager = TaskManager("WARNING", include_path=setup.include_path, include_defaults=not setup.local,
                                model_name=MODEL_NAME)
     cli_args = argparse.Namespace(output_path=str(output_dir) if output_dir else None, process_with_media=True)
-    return simple_evaluate(model=lm, tasks=list(setup.tasks), limit=limit, task_manager=task_manager,
-                           log_samples=True, verbosity="WARNING", bootstrap_iters=0, cli_args=cli_args)
+    # lmms-eval passes disable= to its post-processing bar, overriding TQDM_DISABLE (dop's quiet console):
+    # under TQDM_DISABLE its stderr goes to the run's log file instead
+    quiet = os.environ.get("TQDM_DISABLE") == "1"
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr) if quiet else contextlib.nullcontext():
+        results = simple_evaluate(model=lm, tasks=list(setup.tasks), limit=limit, task_manager=task_manager,
+                                  log_samples=True, verbosity="WARNING", bootstrap_iters=0, cli_args=cli_args)
+    text = "\n".join(line.split("\r")[-1] for line in stderr.getvalue().splitlines() if line.strip())
+    if text:
+        log.debug("lmms-eval stderr:\n%s", text)
+    return results
 
 
 def write_samples(results: dict[str, Any], out: Path) -> None:

@@ -223,8 +223,8 @@ def summarize(found: dict[str, Any], records: list[dict[str, Any]], unreachable:
         share = (row["tflops"] / dense_tflops) if (dense_tflops and row["tflops"] is not None) else None
         amount = None if row["tflops"] is None else row["tflops"] * 1e12 / unit_scale(unit)
         cells = [method, "-" if kind is None else f"{kind} {value:g}", _fmt(amount, ".4g"), _fmt(share, ".1%"),
-                 _fmt(entry["predicted_kl"] if entry else None, ".4f"),
-                 _fmt(entry["measured_kl"] if entry else None, ".4f"),
+                 _fmt(entry["predicted_kl"] if entry else None, ".3g"),
+                 _fmt(entry["measured_kl"] if entry else None, ".3g"),
                  "-" if row["knob"] is None else str(row["knob"])]
         cells += [_fmt(row.get(c), ".3f") for c in metric_cols]
         lines.append("| " + " | ".join(cells) + " |")

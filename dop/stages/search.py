@@ -226,9 +226,9 @@ def _write_policy(job: SweepJob, conf: SearchStage, name: str, policy: Policy, e
     path = Path(job.run_dir) / "policies" / f"{name}.yaml"
     policy.to_yaml(path)
     entry["policy"] = str(path)
-    log.info("budget %s: %.1f%% of dense FLOPs, KL predicted %.4f measured %s%s", name, 100 * entry["ratio"],
+    log.info("budget %s: %.1f%% of dense FLOPs, KL predicted %.3g measured %s%s", name, 100 * entry["ratio"],
              entry["predicted_kl"] if entry["predicted_kl"] is not None else float("nan"),
-             "-" if measured is None else f"{measured:.4f}",
+             "-" if measured is None else f"{measured:.3g}",
              f", n_v {entry['n_v']} ({entry['reducer']})" if entry["n_v"] is not None else "")
     log.debug("budget %s: depths %s", name, entry["depths"])
 
