@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dop.data import ensure_dataset, load_calibration, load_dataset_dir
-from dop.data.calibration import CalibrationError
+from dop.data.calibration import CalibrationError, load_calibration_set
 
 
 def _images(k, size=8):
@@ -107,7 +107,12 @@ def synthetic_task(tmp_path_factory):
 
 def test_lmms_eval_task_docs(synthetic_task):
     data, task_dir = synthetic_task
-    samples = load_calibration({"kind": "lmms_eval", "task": "dop_synthetic", "include_path": str(task_dir)}, 5)
+    base = {"kind": "lmms_eval", "task": "dop_synthetic", "include_path": str(task_dir)}
+    # by default the task's non-evaluated split: dop_synthetic evaluates "test", its dataset also has val
+    default = load_calibration_set(base, 3)
+    assert default.source["split"] == "val" and default.source["evaluated_split"] == "test"
+    assert [s["question"] for s in default.samples] == [q for q in load_dataset_dir(data)["val"]["question"][:3]]
+    samples = load_calibration({**base, "split": "test"}, 5)  # the evaluated split, asked for explicitly
     _check(samples, 5)
     test = load_dataset_dir(data)["test"]
     assert [s["id"] for s in samples] == [str(i) for i in range(5)]
@@ -115,10 +120,10 @@ def test_lmms_eval_task_docs(synthetic_task):
         assert test[i]["question"] in s["question"]
         assert s["image"].size == test[i]["image"].size
     # the Hydra config (name lmms_task -> kind lmms_eval), another split, fewer docs than asked
-    cfg = _compose("lmms_task", ["data.task=dop_synthetic", f"data.include_path={task_dir}", "data.split=val"])
+    cfg = _compose("lmms_task", ["data.task=dop_synthetic", f"data.include_path={task_dir}", "data.split=train"])
     with pytest.warns(UserWarning, match="fewer than"):
-        val = load_calibration(cfg.data, 10)
-    assert [s["question"] for s in val] == list(load_dataset_dir(data)["val"]["question"])
+        train = load_calibration(cfg.data, 10)
+    assert [s["question"] for s in train] == list(load_dataset_dir(data)["train"]["question"])
 
 
 def test_errors(synthetic_task, disk_dd):

@@ -3,11 +3,13 @@
     dop                                  # tiny_llava + synthetic data + ratio budgets 0.5/0.35/0.25
     dop model=llava15_7b benchmark=paper13 budget=tokens budget.values=[192,128,64]
 
-Steps (each resumes from what the run directory already holds): the dense reference and the
-single-change divergence sweep (``<run>/sweep``), the exact budgeted search (``<run>/policies``,
-``<run>/search.json``), the evaluation of dense and of every found policy through the lmms-eval
-plugin (records in the results store), and the report of this run's records (``<run>/report``).
-W&B gets one run for the whole job. A run directory made by another configuration is refused.
+Steps (each resumes from what is already there): the dense reference, the single-change divergence
+sweep and the exact budgeted search, in the search store (``dop.stages.store``: one search per
+model, calibration set, search space and budgets, shared by every benchmark cell; ``<run>/policies``
+and ``<run>/search.json`` link to it), the evaluation of dense and of the stored policies through
+the lmms-eval plugin (records in the results store), and the report of this run's records
+(``<run>/report``). W&B gets one run for the whole job. A run directory made by another
+configuration is refused.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ def execute(conf: PipelineStage, config: Any = None) -> dict[str, Any]:
         print("[dop] 2/4 evaluate dense")
         evaluate.execute(conf.evaluate_stage(str(run_dir / "evaluate" / "dense"), policy=None))
         print("[dop] 3/4 evaluate the found policies")
-        evaluate.execute(conf.evaluate_stage(str(run_dir / "evaluate" / "policies"), policy=str(run_dir / "policies")))
+        policies = Path(found.get("search_dir") or run_dir) / "policies"  # the store's files, not the links
+        evaluate.execute(conf.evaluate_stage(str(run_dir / "evaluate" / "policies"), policy=str(policies)))
         timings["evaluate_s"] = time.perf_counter() - t
 
         print("[dop] 4/4 report")
