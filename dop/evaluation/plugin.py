@@ -44,7 +44,7 @@ def known_methods() -> list[str]:
 
 
 def _check_method(method: str) -> str:
-    if method == "dop":  # the search's policies: the policy path
+    if method in ("dop", "dop_paper"):  # the search's policies (conf/method/dop*.yaml): the policy path
         return "policy"
     if method not in known_methods():
         raise ValueError(f"dop plugin: unknown method {method!r}; valid methods: {', '.join(known_methods())}")

@@ -213,7 +213,9 @@ class BenchmarkConfig:
     needs_api_key: str | None = None
     needs_server: bool = False
     dataset_path: str | None = None  # a local copy of the dataset (dop.evaluation.local_tasks)
-    judge: bool = True  # false: a GPT-judged benchmark (MMBench) scored by lmms-eval's rule-based matcher
+    # false: a GPT-judged benchmark (MMBench) scored by lmms-eval's rule-based matcher; null (a suite,
+    # paper13): each member its own
+    judge: bool | None = True
     notes: str = ""
     members: list[str] | None = None  # a suite (paper13)
 
