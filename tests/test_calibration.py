@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import numpy as np
 import pytest
@@ -146,8 +148,6 @@ def test_errors(synthetic_task, disk_dd):
 @pytest.fixture(scope="module")
 def llava_json(tmp_path_factory):
     """A llava_v1_5_mix665k.json-shaped file: GQA records (two rounds), a COCO record, a text-only record."""
-    import json
-
     root = tmp_path_factory.mktemp("llava")
     for sub, k in (("gqa/images", 3), ("coco/train2017", 1)):
         (root / sub).mkdir(parents=True)

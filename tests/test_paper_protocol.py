@@ -14,11 +14,14 @@ from stage_configs import stage_conf
 
 import dop.stages.search as search_stage
 import dop.stages.sweep as sweep_stage
+from dop.adapters import get_adapter
 from dop.cli import resolve_stage
+from dop.divergence import calibration_batches
 from dop.evaluation.benchmarks import resolve
 from dop.evaluation.disjoint import OverlapError, check_disjoint
 from dop.evaluation.fixtures import build_fixture
-from dop.models import TINY_LLAVA_DIR
+from dop.evaluation.scoring import group_sizes, sample_inputs
+from dop.models import TINY_LLAVA_DIR, build_prompt, load_model
 from dop.policy import DepthPolicy, Policy
 from dop.results import ResultsStore
 from dop.stages import CONF_DIR, store
@@ -197,3 +200,36 @@ def test_main_table_slice_runs_one_search_for_two_benchmark_cells(tmp_path, monk
     assert cal.group_sizes.vision > 0 and search.seed is not None
     run("synthetic")  # a rerun: the stored search, nothing recomputed
     assert len(builds) == 1
+
+
+# --- the model's system prompt reaches calibration, evaluation and FLOPs ----------------------------------------
+def _system_rows(processor, system: str | None) -> int:
+    """Prompt tokens before the image (the adapter's system group), counted with the tokenizer."""
+    prompt = build_prompt(processor, "what is it ?", system)
+    tok = processor.tokenizer
+    return len(tok(prompt[: prompt.index("<image>")].rstrip(), add_special_tokens=False)["input_ids"])
+
+
+@needs_tiny
+def test_system_prompt_in_calibration_evaluation_and_records(tmp_path):
+    model, processor = load_model("tiny_llava")
+    system = "a chat between a curious user and a helpful assistant ."
+    own, given = _system_rows(processor, None), _system_rows(processor, system)
+    assert given > own
+    assert group_sizes(model, sample_inputs(model, processor)["input_ids"])["system"] == own
+    assert group_sizes(model, sample_inputs(model, processor, system=system)["input_ids"])["system"] == given
+    data = tmp_path / "data"
+    conf = stage_conf(SearchStage, tmp_path / "run", f"data.path={data}", f"model.system_prompt='{system}'",
+                      *TINY_DATA)
+    samples = sweep_stage.calibration_set(conf).samples
+    (batch,) = calibration_batches(processor, samples, 4, system=conf.model.system_prompt)
+    masks = get_adapter(model).token_groups(batch.inputs["input_ids"], batch.inputs["attention_mask"])
+    assert masks["system"].sum(1).tolist() == [given] * len(samples)  # left padding is in no group
+    # the evaluate stage: the sample prompt (FLOPs) and every served prompt carry it, and the records say so
+    cfg = stage_conf(EvaluateStage, tmp_path / "eval", f"data.path={data}", f"model.system_prompt='{system}'",
+                     "benchmark=synthetic", "benchmark.limit=2", "benchmark.batch_size=2", "policy=null",
+                     "method=dop_paper", *TINY_DATA[:3], "device=cpu", output_dir=tmp_path / "out")
+    evaluate_stage.execute(cfg)
+    (rec,) = ResultsStore(tmp_path / "out" / "results").records(method="dense")
+    assert rec.extra["groups"]["system"] == given and rec.extra["measured_groups"]["system"] == given
+    assert rec.extra["measured_groups"]["vision"] == rec.extra["groups"]["vision"]
