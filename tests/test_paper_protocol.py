@@ -60,6 +60,9 @@ def test_main_table_cell_composes_with_real_calibration_and_dop_paper(model):
     other = conf.search_stage("/tmp/unused")
     cell = load(PipelineStage, _compose("experiment=main_table", f"model={model}", "benchmark=pope"))
     assert store.location(cell.search_stage("/tmp/x")).search_dir == store.location(other).search_dir
+    # the model's default budgets are not part of the key (the budgets searched are)
+    shifted = load(PipelineStage, _compose("experiment=main_table", f"model={model}", "model.budgets.values=[0.5]"))
+    assert store.location(shifted.search_stage("/tmp/x")).search_dir == store.location(other).search_dir
     # another calibration set or space is another search
     space = load(PipelineStage, _compose("experiment=main_table", f"model={model}", "method.grid_step=4"))
     assert store.location(space.search_stage("/tmp/x")).search_dir != store.location(other).search_dir

@@ -39,6 +39,7 @@ SWEEP_METHOD_KEYS = ("groups", "types", "pairs", "grid_step", "response_tokens",
 SOLVE_METHOD_KEYS = ("objective", "solver", "convention", "flops_groups", "interpolation", "measure",
                      "check_additive", "accuracy_max_new_tokens")
 _NOT_IDENTITY = ("allow_overlap",)  # data keys that change no result
+_MODEL_NOT_IDENTITY = ("budgets",)  # model keys the search does not read (budget=model resolves into budget)
 
 
 def _digest(doc: Any, n: int) -> str:
@@ -51,7 +52,8 @@ def identity(conf: SearchStage) -> dict[str, Any]:
     method = dataclasses.asdict(conf.method)
     data = {k: v for k, v in dataclasses.asdict(conf.data).items() if k not in _NOT_IDENTITY}
     data["kind"] = conf.data.kind
-    return {"sweep": {"model": dataclasses.asdict(conf.model), "data": data, "seed": conf.seed,
+    model = {k: v for k, v in dataclasses.asdict(conf.model).items() if k not in _MODEL_NOT_IDENTITY}
+    return {"sweep": {"model": model, "data": data, "seed": conf.seed,
                       "method": {k: method[k] for k in SWEEP_METHOD_KEYS}},
             "solve": {"method": {k: method[k] for k in SOLVE_METHOD_KEYS},
                       "budget": {"kind": conf.budget.kind, "values": list(conf.budget.values)}}}
