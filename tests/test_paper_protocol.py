@@ -201,6 +201,10 @@ def test_main_table_slice_runs_one_search_for_two_benchmark_cells(tmp_path, monk
     cal = search.calibration
     assert cal.kind == "synthetic" and cal.split == "val" and cal.num_samples == 2 and len(cal.ids) == 2
     assert cal.group_sizes.vision > 0 and search.seed is not None
+    # the cell's summary shows the search's predicted and measured KL on the dop_paper rows
+    rows = [r for r in (second / "summary.md").read_text().splitlines() if r.startswith("| dop_paper |")]
+    entry = search.budgets["ratio_0.8"]
+    assert len(rows) == 2 and any(f"| {entry.predicted_kl:.4f} | {entry.measured_kl:.4f} |" in r for r in rows)
     run("synthetic")  # a rerun: the stored search, nothing recomputed
     assert len(builds) == 1
 

@@ -36,7 +36,14 @@ from dop.results import ResultsStore
 from dop.search.reference import uniform_policy
 from dop.space import parse_pair
 from dop.stages import evaluate, report, search
-from dop.stages.config import PipelineStage, baseline_method_config, benchmarks_of, budgets_of, load
+from dop.stages.config import (
+    DOP_METHODS,
+    PipelineStage,
+    baseline_method_config,
+    benchmarks_of,
+    budgets_of,
+    load,
+)
 from dop.tracking import log_metrics, start_run
 
 log = logging.getLogger("dop.pipeline")
@@ -191,7 +198,7 @@ def run_records(conf: PipelineStage, run_dir: Path) -> list[dict[str, Any]]:
     return [dataclasses.asdict(r) for r in latest if mine(r)]
 
 
-METHOD_ORDER = ("dense", "dop", "uniform")  # then the baselines, by name
+METHOD_ORDER = ("dense", *DOP_METHODS, "uniform")  # then the baselines, by name
 
 
 def summarize(found: dict[str, Any], records: list[dict[str, Any]], unreachable: list[str] = ()) -> str:
@@ -222,7 +229,7 @@ def summarize(found: dict[str, Any], records: list[dict[str, Any]], unreachable:
     for key in sorted(rows, key=order):
         method, kind, value = key
         row = rows[key]
-        entry = by_budget.get((kind, float(value))) if kind is not None and method == "dop" else None
+        entry = by_budget.get((kind, float(value))) if kind is not None and method in DOP_METHODS else None
         share = (row["tflops"] / dense_tflops) if (dense_tflops and row["tflops"] is not None) else None
         amount = None if row["tflops"] is None else row["tflops"] * 1e12 / unit_scale(unit)
         cells = [method, "-" if kind is None else f"{kind} {value:g}", _fmt(amount, ".4g"), _fmt(share, ".1%"),
