@@ -52,8 +52,10 @@ def calibration_batches(
     *,
     model: nn.Module | None = None,
     response_tokens: int = 1,
+    system: str | None = None,
 ) -> list[CalibrationBatch]:
-    """Batches from samples with ``id``, ``image``, ``question``.
+    """Batches from samples with ``id``, ``image``, ``question`` (``system``: the system prompt of
+    the model's conversation template, when its chat template lacks it; ``dop.models.build_prompt``).
 
     ``response_tokens=1`` scores the last prompt position (the first answer token). With more, the
     dense ``model``'s greedy answer (up to that many tokens, up to EOS) is generated, appended
@@ -71,7 +73,8 @@ def calibration_batches(
     batches = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        inputs = dict(prepare_inputs(processor, [s["image"] for s in chunk], [s["question"] for s in chunk]))
+        inputs = dict(prepare_inputs(processor, [s["image"] for s in chunk], [s["question"] for s in chunk],
+                                     system=system))
         B, T = inputs["input_ids"].shape
         if response_tokens == 1:
             mask = torch.zeros(B, T, dtype=torch.bool)

@@ -231,7 +231,7 @@ def plot_accuracy_vs_tflops(records: Sequence[Record], path: str | Path, benchma
             ax.scatter(*zip(*pts), marker="*", s=120, zorder=3, label=label, color="black")
         else:
             ax.plot(*zip(*pts), marker=markers[i % len(markers)], label=label, color=colors[i % len(colors)],
-                    linewidth=2.5 if method == "dop" else 1.5)
+                    linewidth=2.5 if method in ("dop", "dop_paper") else 1.5)
     ax.set_xlabel(f"prefill {table.unit or 'T'}FLOPs")
     ax.set_ylabel(benchmark or "average score")
     ax.grid(alpha=0.3)

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 EXPERIMENTS = ["main_table", "latency", "ablation_additive", "ablation_data", "ablation_time", "ablation_transfer",
                "ablation_space", "ablation_objective", "ablation_nv"]
+DOP_METHODS = ("dop", "dop_paper")  # records of searched policies (conf/method/dop*.yaml)
 
 
 def fmt(x: Any, spec: str = ".4f") -> str:
@@ -187,7 +188,7 @@ def by_method(roots: list[Path], results: Path) -> str:
     models = {str(cfg.model.name) for root in roots for p in root.rglob("config.yaml")
               if p.parent.name == ".hydra" and (cfg := OmegaConf.load(p)).get("model")}
     records = {k: r for k, r in records.items()
-               if (r.method != "dop" or r.policy_hash in mine) and (not models or r.model in models)}
+               if (r.method not in DOP_METHODS or r.policy_hash in mine) and (not models or r.model in models)}
     benches = sorted({r.benchmark for r in records.values()})
     rows: dict[tuple, dict[str, Any]] = {}
     for r in records.values():
@@ -224,7 +225,7 @@ def transfer(root: Path, results: Path) -> str:
         src_cfg = run_config(src)
         sources[str(src)] = str(src_cfg.model.name) if src_cfg is not None else str(src)
     records = latest(store_records(results))
-    by_cell = {(r.model, r.policy_hash, r.benchmark): r for r in records.values() if r.method == "dop"}
+    by_cell = {(r.model, r.policy_hash, r.benchmark): r for r in records.values() if r.method in DOP_METHODS}
     targets = sorted({r.model for r in by_cell.values()
                       if any(r.policy_hash in policy_hashes(Path(src)).values() for src in sources)})
     benches = sorted({r.benchmark for r in by_cell.values()})

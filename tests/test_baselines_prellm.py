@@ -396,11 +396,11 @@ def test_text_guided_needs_instruction(llava, clip_tower):
         method("trim", clip_tower).reduce_inputs(model, make(batch=1, seed=0), 4)
 
 
-@pytest.mark.parametrize("kind", ["qwen3_vl", "internvl"])
+@pytest.mark.parametrize("kind", ["qwen3_vl", "llava_onevision"])
 def test_unsupported_family_is_a_clear_error(kind):
     model, _ = BUILDERS[kind](attn="sdpa")
-    with pytest.raises(MethodError, match=r"supports model types \['llava', 'qwen2_vl', 'qwen2_5_vl', 'llava_next'\]"
-                                          rf".*Qwen2\.5-VL.*LLaVA-NeXT.*{kind}"):
+    with pytest.raises(MethodError, match=r"supports model types \['llava', 'qwen2_vl', 'qwen2_5_vl', 'llava_next', "
+                                          rf"'internvl'\].*Qwen2\.5-VL.*LLaVA-NeXT.*InternVL.*{kind}"):
         get_method("fastervlm").check_model(model)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import numpy as np
 import pytest
 from PIL import Image
 
 from dop.data import ensure_dataset, load_calibration, load_dataset_dir
-from dop.data.calibration import CalibrationError
+from dop.data.calibration import CalibrationError, load_calibration_set
 
 
 def _images(k, size=8):
@@ -107,7 +109,12 @@ def synthetic_task(tmp_path_factory):
 
 def test_lmms_eval_task_docs(synthetic_task):
     data, task_dir = synthetic_task
-    samples = load_calibration({"kind": "lmms_eval", "task": "dop_synthetic", "include_path": str(task_dir)}, 5)
+    base = {"kind": "lmms_eval", "task": "dop_synthetic", "include_path": str(task_dir)}
+    # by default the task's non-evaluated split: dop_synthetic evaluates "test", its dataset also has val
+    default = load_calibration_set(base, 3)
+    assert default.source["split"] == "val" and default.source["evaluated_split"] == "test"
+    assert [s["question"] for s in default.samples] == [q for q in load_dataset_dir(data)["val"]["question"][:3]]
+    samples = load_calibration({**base, "split": "test"}, 5)  # the evaluated split, asked for explicitly
     _check(samples, 5)
     test = load_dataset_dir(data)["test"]
     assert [s["id"] for s in samples] == [str(i) for i in range(5)]
@@ -115,10 +122,10 @@ def test_lmms_eval_task_docs(synthetic_task):
         assert test[i]["question"] in s["question"]
         assert s["image"].size == test[i]["image"].size
     # the Hydra config (name lmms_task -> kind lmms_eval), another split, fewer docs than asked
-    cfg = _compose("lmms_task", ["data.task=dop_synthetic", f"data.include_path={task_dir}", "data.split=val"])
+    cfg = _compose("lmms_task", ["data.task=dop_synthetic", f"data.include_path={task_dir}", "data.split=train"])
     with pytest.warns(UserWarning, match="fewer than"):
-        val = load_calibration(cfg.data, 10)
-    assert [s["question"] for s in val] == list(load_dataset_dir(data)["val"]["question"])
+        train = load_calibration(cfg.data, 10)
+    assert [s["question"] for s in train] == list(load_dataset_dir(data)["train"]["question"])
 
 
 def test_errors(synthetic_task, disk_dd):
@@ -135,3 +142,103 @@ def test_errors(synthetic_task, disk_dd):
         load_calibration({"kind": "lmms_eval", "task": "dop_synthtic", "include_path": str(task_dir)}, 2)
     with pytest.raises(CalibrationError, match="does not exist"):
         load_calibration({"kind": "disk", "path": str(disk_dd) + "_nope"}, 2)
+
+
+# --- LLaVA instruction-tuning JSON (data=llava_json, data=gqa_train) ------------------------------------------
+@pytest.fixture(scope="module")
+def llava_json(tmp_path_factory):
+    """A llava_v1_5_mix665k.json-shaped file: GQA records (two rounds), a COCO record, a text-only record."""
+    root = tmp_path_factory.mktemp("llava")
+    for sub, k in (("gqa/images", 3), ("coco/train2017", 1)):
+        (root / sub).mkdir(parents=True)
+        for i, im in enumerate(_images(k)):
+            im.save(root / sub / f"{i}.jpg")
+    records = [
+        {"id": "g0", "image": "gqa/images/0.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nIs the cup red?\nAnswer the question using a single word or phrase."},
+            {"from": "gpt", "value": "Yes"},
+            {"from": "human", "value": "What is on the table?"}, {"from": "gpt", "value": "cup"}]},
+        {"id": "c0", "image": "coco/train2017/0.jpg", "conversations": [
+            {"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "a dog"}]},
+        {"id": "t0", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "g1", "image": "gqa/images/1.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhich color is the car?"}, {"from": "gpt", "value": "blue"}]},
+        {"id": "g2", "image": "gqa/images/2.jpg", "conversations": [
+            {"from": "human", "value": "Who is sitting?\n<image>"}, {"from": "gpt", "value": "the man"}]},
+    ]
+    path = root / "mix.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_llava_json_rounds_prefix_ids_and_provenance(llava_json):
+    root = llava_json.parent
+    cfg = {"kind": "llava_json", "json_file": str(llava_json), "image_folder": str(root), "image_prefix": "gqa/",
+           "rounds": "all", "shuffle_seed": None}
+    with pytest.warns(UserWarning, match="fewer than"):
+        cal = load_calibration_set(cfg, 10)
+    # every (human, gpt) round of the GQA records, in file order; COCO and text-only records skipped
+    assert [s["id"] for s in cal.samples] == ["0:g0#0", "0:g0#1", "3:g1#0", "4:g2#0"]
+    assert [s["question"] for s in cal.samples] == [
+        "Is the cup red?\nAnswer the question using a single word or phrase.", "What is on the table?",
+        "Which color is the car?", "Who is sitting?"]
+    assert [s["answer"] for s in cal.samples] == ["Yes", "cup", "blue", "the man"]
+    assert all(s["image"].mode == "RGB" for s in cal.samples)
+    assert cal.samples[2]["image"].getpixel((0, 0)) == (10, 10, 10)  # gqa/images/1.jpg
+    record = cal.record()
+    assert record["kind"] == "llava_json" and record["dataset"] == str(llava_json.resolve())
+    assert record["split"] is None and record["num_samples"] == 4 and record["requested"] == 10
+    assert record["ids"] == [s["id"] for s in cal.samples] and record["shuffle_seed"] is None
+    first = load_calibration({**cfg, "rounds": "first", "image_prefix": None}, 4)
+    assert [s["id"] for s in first] == ["0:g0#0", "1:c0#0", "3:g1#0", "4:g2#0"]
+    seeded = load_calibration_set({**cfg, "shuffle_seed": 1}, 2)
+    assert seeded.ids == load_calibration_set({**cfg, "shuffle_seed": 1}, 2).ids  # reproducible
+    assert set(seeded.ids) <= {"0:g0#0", "0:g0#1", "3:g1#0", "4:g2#0"} and seeded.record()["shuffle_seed"] == 1
+
+
+def test_llava_json_config_and_errors(llava_json, tmp_path):
+    from dop.stages.config import SweepStage, load
+    from dop.stages.sweep import calibration_set
+
+    root = llava_json.parent
+    conf = load(SweepStage, _compose("gqa_train", [f"data.json_file={llava_json}", f"data.image_folder={root}",
+                                                   "method.num_calibration=3"]))
+    assert conf.data.kind == "llava_json" and conf.data.image_prefix == "gqa/" and conf.data.shuffle_seed == 0
+    cal = calibration_set(conf)
+    assert len(cal.samples) == 3 and all(i.split(":")[1][0] == "g" for i in cal.ids) and cal.shuffle_seed == 0
+    base = {"kind": "llava_json", "json_file": str(llava_json), "image_folder": str(tmp_path)}
+    with pytest.raises(CalibrationError, match="image .*0.jpg of record 0 is missing"):
+        load_calibration(base, 1)
+    with pytest.raises(CalibrationError, match="data.rounds='two'"):
+        load_calibration({**base, "rounds": "two"}, 1)
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_calibration({**base, "json_file": str(tmp_path / "nope.json")}, 1)
+    with pytest.raises(CalibrationError, match="no question with an image"):
+        load_calibration({**base, "image_prefix": "ocr_vqa/"}, 1)
+
+
+# --- a dataset as the hub lays it out, or as the HF hub cache holds it ---------------------------------------
+def test_disk_hub_cache_folder_with_configs(tmp_path):
+    """``datasets--org--name/snapshots/<sha>/<config>/<split>-*.parquet``: the snapshot refs/main names is
+    read, a config folder is chosen with data.subset, and the provenance names the hub repository."""
+    ds = datasets.Dataset.from_dict({"image": _images(3), "question": ["a", "b", "c"]},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "question": datasets.Value("string")}))
+    repo = tmp_path / "datasets--lmms-lab--MyVQA"
+    snap = repo / "snapshots" / "abc123"
+    for config, rows in (("easy", ds), ("hard", ds.select([2, 1]))):
+        (snap / config).mkdir(parents=True)
+        rows.to_parquet(str(snap / config / "validation-00000-of-00001.parquet"))
+    (repo / "snapshots" / "old999" / "easy").mkdir(parents=True)  # a stale snapshot refs/main does not name
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123\n")
+    cfg = {"kind": "disk", "path": str(repo), "split": "validation", "subset": "hard"}
+    cal = load_calibration_set(cfg, 2)
+    assert [s["question"] for s in cal.samples] == ["c", "b"]
+    src = cal.record()
+    assert src["hub_id"] == "lmms-lab/MyVQA" and src["config"] == "hard" and src["split"] == "validation"
+    assert src["files"] == [str((snap / "hard" / "validation-00000-of-00001.parquet").resolve())]
+    with pytest.raises(CalibrationError, match="several config folders .*easy.*hard.*data.subset"):
+        load_calibration({**cfg, "subset": None}, 1)
+    with pytest.raises(CalibrationError, match="no config folder 'medium'"):
+        load_calibration({**cfg, "subset": "medium"}, 1)

@@ -44,7 +44,7 @@ def known_methods() -> list[str]:
 
 
 def _check_method(method: str) -> str:
-    if method == "dop":  # the search's policies: the policy path
+    if method in ("dop", "dop_paper"):  # the search's policies (conf/method/dop*.yaml): the policy path
         return "policy"
     if method not in known_methods():
         raise ValueError(f"dop plugin: unknown method {method!r}; valid methods: {', '.join(known_methods())}")
@@ -77,8 +77,10 @@ class DopLMM(lmms):
     ``method`` (``dense`` | ``policy`` | a baseline name from ``dop.engine.baselines``; default: ``policy``
     when a policy is given), ``knob`` (the baseline's knob value, e.g. kept tokens), or ``budget``
     (``tokens:128``, ``ratio:0.3``, ``tflops:3.4``: the knob is matched to it on a sample prompt),
-    ``batch_size``, ``dtype``, ``attn_implementation``, ``device``. In-process, ``method`` may be a
-    ``dop.engine.baselines.Method`` instance (hyper-parameters kept).
+    ``batch_size``, ``dtype``, ``attn_implementation``, ``device``, ``system_prompt`` (the model's
+    system prompt when its chat template lacks one: LLaVA's vicuna_v1, ``conf/model``). In-process,
+    ``method`` may be a ``dop.engine.baselines.Method`` instance (hyper-parameters kept). ``meter``
+    holds the mean tokens per group of the prompts served since its last ``reset``.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class DopLMM(lmms):
         attn_implementation: str = "sdpa",
         device: str | None = "cpu",
         max_batch_size: int | None = None,
+        system_prompt: str | None = None,
         *,
         model: Any = None,
         processor: Any = None,
@@ -130,6 +133,8 @@ class DopLMM(lmms):
                                           device=device or "cpu")
         self.model = model.eval()
         self.processor = processor
+        self.system_prompt = system_prompt or None
+        self.meter = scoring.GroupMeter()
         self.knob = _parse_knob(knob)
         self.match = None  # the budget match when budget= was given
         if self.baseline is not None:
@@ -144,15 +149,17 @@ class DopLMM(lmms):
 
     @classmethod
     def from_model(cls, model: Any, processor: Any, policy: Any = None, method: Any = None,
-                   batch_size: int = 1, name: str = "in-process", knob: Any = None) -> DopLMM:
+                   batch_size: int = 1, name: str = "in-process", knob: Any = None,
+                   system_prompt: str | None = None) -> DopLMM:
         """Wrap an already loaded model (no second copy in memory)."""
         return cls(pretrained=name, policy=policy, method=method, knob=knob, batch_size=batch_size,
-                   model=model, processor=processor)
+                   model=model, processor=processor, system_prompt=system_prompt)
 
     def _match_budget(self, spec: str):
         """The knob for ``budget=<kind>:<value>`` on the stage's sample prompt (one image)."""
         (budget,) = parse_budgets(spec)
-        groups = scoring.group_sizes(self.model, scoring.sample_inputs(self.model, self.processor)["input_ids"])
+        sample = scoring.sample_inputs(self.model, self.processor, system=self.system_prompt)
+        groups = scoring.group_sizes(self.model, sample["input_ids"])
         return match_budget(self.baseline, self.model.config, groups, budget)
 
     @classmethod
@@ -209,12 +216,13 @@ class DopLMM(lmms):
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args
                     ims = self._doc_images(doc_to_visual, doc_id, task, split)
                     images.append(ims)
-                    prompts.append(scoring.build_prompt(self.processor, context, num_images=len(ims)))
+                    prompts.append(scoring.build_prompt(self.processor, context, num_images=len(ims),
+                                                        system=self.system_prompt))
                 t0 = time.perf_counter()
                 texts = scoring.generate_texts(self.model, self.processor, images, prompts,
                                                max_new_tokens=max_new_tokens, until=until,
                                                policy=self.active_policy, method=self.baseline, knob=self.knob,
-                                               instructions=[requests[i].args[0] for i in chunk])
+                                               instructions=[requests[i].args[0] for i in chunk], meter=self.meter)
                 self.stats["model_seconds"] += time.perf_counter() - t0
                 self.stats["requests"] += len(chunk)
                 for i, text in zip(chunk, texts):
@@ -241,13 +249,14 @@ class DopLMM(lmms):
                 continuation = target if isinstance(target, str) else target(doc)
                 ims = self._doc_images(doc_to_visual, doc_id, task, split)
                 images.append(ims)
-                contexts.append(scoring.build_prompt(self.processor, context, num_images=len(ims)))
+                contexts.append(scoring.build_prompt(self.processor, context, num_images=len(ims),
+                                                     system=self.system_prompt))
                 questions.append(str(context))
                 continuations.append(str(continuation))
             t0 = time.perf_counter()
             scores = scoring.continuation_logprobs(self.model, self.processor, images, contexts, continuations,
                                                    policy=self.active_policy, method=self.baseline, knob=self.knob,
-                                                   instructions=questions)
+                                                   instructions=questions, meter=self.meter)
             self.stats["model_seconds"] += time.perf_counter() - t0
             self.stats["requests"] += len(chunk)
             for i, (logprob, greedy) in zip(chunk, scores):

@@ -245,16 +245,19 @@ def task_hash(results: dict[str, Any], tasks: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def eval_signature(data: Mapping[str, Any] | None, bench: Benchmark, limit: Any, revision: str | None = None) -> str:
+def eval_signature(data: Mapping[str, Any] | None, bench: Benchmark, limit: Any, revision: str | None = None,
+                   system_prompt: str | None = None) -> str:
     """What a cell's value depends on besides its key: the checkpoint, the benchmark config, the
-    sample limit and, for the local synthetic task, the data it is generated from (``data``). A
-    stored record is reused only when its signature matches, so a changed test split is never
-    answered by a stale record."""
+    sample limit, the system prompt dop adds to the chat template (when it adds one) and, for the
+    local synthetic task, the data it is generated from (``data``). A stored record is reused only
+    when its signature matches, so a changed test split is never answered by a stale record."""
     synthetic = TASK_NAME in bench.tasks
     doc = {"tasks": list(bench.tasks), "limit": limit, "data": dict(data) if synthetic and bench.dataset_path and data else None,
            "model_revision": revision}
     if not synthetic and (bench.dataset_path or not bench.judge):  # a local copy, or judge-free scoring
         doc.update(dataset_path=bench.dataset_path, judge=bench.judge)
+    if system_prompt:
+        doc["system_prompt"] = system_prompt
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

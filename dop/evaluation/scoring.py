@@ -57,10 +57,12 @@ def _drop_token(text: str, token: str) -> str:
     return re.sub(rf"[ \t]*{re.escape(token)}[ \t]*", " ", text)
 
 
-def build_prompt(processor: Any, question: str, num_images: int = 1) -> str:
+def build_prompt(processor: Any, question: str, num_images: int = 1, system: str | None = None) -> str:
     """The chat prompt for one question with ``num_images`` images.
 
-    Uses ``dop.models.build_prompt`` (the project's single source of prompts) for chat processors.
+    Uses ``dop.models.build_prompt`` (the project's single source of prompts) for chat processors;
+    ``system``: the model's system prompt when its chat template lacks one (``model.system_prompt``,
+    LLaVA's vicuna_v1 conversation).
     Literal image tokens in the question are removed first: lmms-eval tasks such as MMMU put
     ``<image>`` markers into the context, and the processor would count them as extra images. The
     task's line breaks stay (MMBench, SEED-Bench and ScienceQA put one option per line).
@@ -68,7 +70,7 @@ def build_prompt(processor: Any, question: str, num_images: int = 1) -> str:
     tok = image_token(processor)
     question = _drop_token(question, tok).strip()
     if getattr(processor, "chat_template", None):
-        prompt = project_build_prompt(processor, question)
+        prompt = project_build_prompt(processor, question, system)
     else:
         prompt = FALLBACK_PROMPT.format(image=tok, question=question)
     if num_images == 0:
@@ -146,8 +148,10 @@ def generate_texts(
     method: Any = None,
     knob: Any = None,
     instructions: Sequence[str] | None = None,
+    meter: GroupMeter | None = None,
 ) -> list[str]:
-    """Greedy continuations of one batch of prompts, cut at ``until``.
+    """Greedy continuations of one batch of prompts, cut at ``until`` (``meter``: counts the
+    prompts' tokens per group, before any reduction).
 
     ``method``/``knob``: a baseline (``dop.engine.baselines``) instead of a policy; its ``reduce_inputs``
     runs on the encoded batch and generation runs under its ``apply``. ``instructions``: the bare
@@ -155,6 +159,8 @@ def generate_texts(
     """
     batch = encode(processor, images, prompts, model.device, model.dtype)
     tokenizer = getattr(processor, "tokenizer", processor)
+    if meter is not None:
+        meter.add(model, batch)
     batch = reduce_batch(model, batch, method, knob, policy, instructions)
     with running(model, policy, method, knob):
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
@@ -177,6 +183,7 @@ def continuation_logprobs(
     method: Any = None,
     knob: Any = None,
     instructions: Sequence[str] | None = None,
+    meter: GroupMeter | None = None,
 ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation token | prefix), is_greedy) per request, batched with left padding.
 
@@ -195,6 +202,8 @@ def continuation_logprobs(
             n = len(tokenizer(text[len(ctx):], add_special_tokens=False)["input_ids"])
         n_cont.append(max(n, 1))
     batch = encode(processor, images, full, model.device, model.dtype)
+    if meter is not None:
+        meter.add(model, batch)
     ids = batch["input_ids"]
     # a pre-LLM method shortens the image span; the left-padded rows still end in the continuation
     prepared = reduce_batch(model, batch, method, knob, policy, instructions)
@@ -215,10 +224,10 @@ def continuation_logprobs(
 SAMPLE_QUESTION = "what is in the image ?"
 
 
-def sample_inputs(model: Any, processor: Any):
+def sample_inputs(model: Any, processor: Any, system: str | None = None):
     """One prompt + grey image (the size the processor expects) for FLOPs and prefill latency."""
     image = Image.new("RGB", (336, 336), (128, 128, 128))
-    prompt = build_prompt(processor, SAMPLE_QUESTION)
+    prompt = build_prompt(processor, SAMPLE_QUESTION, system=system)
     return encode(processor, [[image]], [prompt], model.device, model.dtype)
 
 
@@ -226,6 +235,27 @@ def group_sizes(model: Any, input_ids: torch.Tensor) -> dict[str, int]:
     """Group sizes of one unpadded sample, by the model's adapter (design.md section 3)."""
     groups = get_adapter(model).token_groups(input_ids[:1])
     return {name: int(mask.sum()) for name, mask in groups.items()}
+
+
+class GroupMeter:
+    """The mean tokens per group of the prompts a model was given (counted on each encoded batch,
+    before any reduction; for log-likelihood requests the continuation is part of the prompt)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, model: Any, batch: Mapping[str, Any]) -> None:
+        groups = get_adapter(model).token_groups(batch["input_ids"], batch.get("attention_mask"))
+        for name, mask in groups.items():
+            self.totals[name] = self.totals.get(name, 0.0) + float(mask.sum())
+        self.count += int(batch["input_ids"].shape[0])
+
+    def mean(self) -> dict[str, float] | None:
+        return {k: v / self.count for k, v in self.totals.items()} if self.count else None
+
+    def reset(self) -> None:
+        self.totals, self.count = {}, 0
 
 
 # --- the direct loop -----------------------------------------------------------------------------
@@ -297,11 +327,12 @@ def calibration_accuracy(
     batch_size: int = 8,
     max_new_tokens: int = 5,
     until: Sequence[str] = ("\n",),
+    system: str | None = None,
 ) -> dict[str, float]:
     """Exact-match accuracy of each policy's greedy answers on the calibration samples, with the
     prompts and decoding of ``dop.evaluation.scoring.score_synthetic`` (policies via the engine)."""
     answers = calibration_answers(samples)
-    prompts = [build_prompt(processor, str(s["question"])) for s in samples]
+    prompts = [build_prompt(processor, str(s["question"]), system=system) for s in samples]
     images = [[s["image"]] for s in samples]
     out = {}
     for name, policy in policies.items():

@@ -59,6 +59,10 @@ class ModelConfig:
     hf_id: str | None
     clip_text_tower: str | None
     revision: str | None  # hub revision; null: a hash of a local checkpoint is recorded
+    # the system prompt of the model's evaluation conversation template (LLaVA-1.5's vicuna_v1), when
+    # its processor's chat template lacks it; null: the template's own
+    system_prompt: str | None
+    front_end: str | None  # the model family's n_v front end (a pre-LLM reducer: method=dop_paper)
     budgets: BudgetConfig  # the paper's budgets for this model (budget=model)
 
     def __post_init__(self) -> None:
@@ -90,6 +94,8 @@ class _SyntheticSettings:
     image_size: int
     sizes: dict[str, int]
     calibration_split: str | None
+    # calibrating on a split that a configured benchmark evaluates is refused unless this is true
+    allow_overlap: bool
 
     def __post_init__(self) -> None:
         for split, n in self.sizes.items():  # an empty split dies deep inside datasets otherwise
@@ -113,6 +119,7 @@ class DiskDataConfig(_SyntheticSettings):
     kind: Literal["disk"]
     split: str | None
     data_files: Any
+    subset: str | None
     image_column: str
     question_column: str
     id_column: str | None
@@ -130,16 +137,28 @@ class LmmsTaskDataConfig(_SyntheticSettings):
     shuffle_seed: int | None
 
 
-DataConfig = SyntheticDataConfig | DiskDataConfig | LmmsTaskDataConfig
+@dataclass
+class LlavaJsonDataConfig(_SyntheticSettings):
+    """Calibration samples from a LLaVA instruction-tuning JSON and its image folder."""
+
+    kind: Literal["llava_json"]
+    json_file: str | None
+    image_folder: str | None
+    image_prefix: str | None
+    rounds: Literal["first", "all"]
+    shuffle_seed: int | None
+
+
+DataConfig = SyntheticDataConfig | DiskDataConfig | LmmsTaskDataConfig | LlavaJsonDataConfig
 _DATA_KINDS: dict[str, type] = {"synthetic": SyntheticDataConfig, "disk": DiskDataConfig,
-                                "lmms_eval": LmmsTaskDataConfig}
+                                "lmms_eval": LmmsTaskDataConfig, "llava_json": LlavaJsonDataConfig}
 
 
 @dataclass
 class DopMethodConfig:
-    """``method=dop``: the search space, the calibration objective and the solver."""
+    """``method=dop`` / ``method=dop_paper``: the search space, the calibration objective and the solver."""
 
-    name: Literal["dop"]
+    name: Literal["dop", "dop_paper"]
     groups: list[str]
     types: list[str]
     pairs: list[str] | None
@@ -175,7 +194,8 @@ class BaselineMethodConfig:
 
 
 MethodConfig = DopMethodConfig | BaselineMethodConfig
-POLICY_METHODS: tuple[str, ...] = ("dop", "dense", "policy")  # evaluate a policy file (or dense), not a baseline
+DOP_METHODS: tuple[str, ...] = ("dop", "dop_paper")  # DopMethodConfig: a search space (conf/method/dop*.yaml)
+POLICY_METHODS: tuple[str, ...] = (*DOP_METHODS, "dense", "policy")  # evaluate a policy file (or dense), not a baseline
 
 
 @dataclass
@@ -193,6 +213,9 @@ class SweepConfig:
     strategy: str
     precision: int | str
     progress_bar: bool
+    # the search store: one search per (model, calibration, space, budgets) under <store>/<model>/<key>,
+    # reused by every benchmark cell and rerun (null: the search lives in the stage's run dir)
+    store: str | None
     num_nodes: int | None = None  # multi-node DDP (launcher settings); absent: Lightning's default
 
     def __post_init__(self) -> None:
@@ -215,7 +238,9 @@ class BenchmarkConfig:
     needs_api_key: str | None = None
     needs_server: bool = False
     dataset_path: str | None = None  # a local copy of the dataset (dop.evaluation.local_tasks)
-    judge: bool = True  # false: a GPT-judged benchmark (MMBench) scored by lmms-eval's rule-based matcher
+    # false: a GPT-judged benchmark (MMBench) scored by lmms-eval's rule-based matcher; null (a suite,
+    # paper13): each member its own
+    judge: bool | None = True
     notes: str = ""
     members: list[str] | None = None  # a suite (paper13)
 
@@ -308,6 +333,7 @@ class SearchStage(SweepStage):
     """``dop stage=search``: the sweep (when missing) and one solve per budget."""
 
     budget: BudgetConfig
+    benchmark: BenchmarkConfig  # the benchmarks the policies are for: calibration must not be their split
 
     @property
     def budgets(self) -> list[Budget]:
@@ -394,11 +420,11 @@ class PipelineStage:
     eval_batch_size: int | None
 
     def search_stage(self, run_dir: str) -> SearchStage:
-        """The search of this pipeline, with its sweep in ``run_dir``."""
-        sweep = dataclasses.replace(self.sweep, run_dir=run_dir)
-        return SearchStage(model=self.model, data=self.data, method=self.method, sweep=sweep, paths=self.paths,
-                           logger=self.logger, seed=self.seed, device=self.device, num_threads=self.num_threads,
-                           budget=self.budget)
+        """The search of this pipeline, linked into (or, without a search store, living in) ``run_dir``."""
+        return SearchStage(model=self.model, data=self.data, method=self.method, sweep=self.sweep,
+                           paths=dataclasses.replace(self.paths, run_dir=run_dir), logger=self.logger, seed=self.seed,
+                           device=self.device, num_threads=self.num_threads, budget=self.budget,
+                           benchmark=self.benchmark)
 
     def evaluate_stage(self, run_dir: str, policy: str | None, method: MethodConfig | None = None) -> EvaluateStage:
         """Evaluation, in ``run_dir``, of dense (``policy=None``), of the policies in a file or folder, or of
@@ -471,7 +497,7 @@ def _group(name: str, node: Any, schema: type) -> Any:
             method = method_config(node)
             if not isinstance(method, DopMethodConfig):
                 raise ConfigError(f"method={method.name} is a baseline: stage {_stage_name(schema)} searches DOP "
-                                  "policies (use method=dop, or stage=evaluate for a baseline)")
+                                  "policies (use method=dop or method=dop_paper, or stage=evaluate for a baseline)")
             return method
         return method_config(node)
     return convert(get_type_hints(schema)[name], plain(node), name)
@@ -496,7 +522,7 @@ def data_config(node: Any) -> DataConfig:
 def method_config(node: Any) -> MethodConfig:
     data = dict(plain(node) or {})
     name = str(data.get("name", "dop"))
-    if name == "dop":
+    if name in DOP_METHODS:
         return typed(DopMethodConfig, data, "method")
     data.pop("name", None)
     return BaselineMethodConfig(name=name, hparams=data)

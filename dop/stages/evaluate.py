@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from dop.engine.baselines import Method, MethodError
 from dop.engine.baselines.budget import resolve_method
 from dop.evaluation.benchmarks import Benchmark
+from dop.evaluation.disjoint import OverlapError, check_disjoint
 from dop.evaluation.plugin import DopLMM
 from dop.evaluation.runner import (
     baseline_hash,
@@ -116,6 +117,7 @@ def execute(conf: EvaluateStage, config: Any = None) -> dict[str, Any]:
         raise ConfigError(f"method={baseline.name} is a baseline: its knob comes from budget=, not a policy "
                           "(drop policy=, or use method=dop)")
     specs = policy_specs(conf.policy) if baseline is None else []
+    _check_calibration(conf, specs, benchmarks)  # policies searched on an evaluated split: before any model loads
     session = _session(conf)
     if baseline is not None:
         baseline.check_model(session.model)  # e.g. a CLIP text tower the model lacks: say so before evaluating
@@ -130,6 +132,20 @@ def execute(conf: EvaluateStage, config: Any = None) -> dict[str, Any]:
     return _finish(session)
 
 
+def _check_calibration(conf: EvaluateStage, specs: list[dict[str, Any]], benchmarks: list[Benchmark]) -> None:
+    """Refuse policies whose recorded calibration data (``meta.calibration``) is a split one of
+    ``benchmarks`` evaluates, unless ``data.allow_overlap``."""
+    if conf.data.allow_overlap:
+        return
+    for spec in specs:
+        source = (spec["policy"].meta or {}).get("calibration") if spec["policy"] is not None else None
+        if source:
+            try:
+                check_disjoint(source, benchmarks, f"<policy {spec['path']}>")
+            except OverlapError as err:
+                raise ConfigError(str(err)) from None
+
+
 def _session(conf: EvaluateStage) -> Session:
     store = ResultsStore(conf.paths.results_dir)
     try:
@@ -139,7 +155,7 @@ def _session(conf: EvaluateStage) -> Session:
     device = resolve_device(conf.device)
     model, processor = load_model(conf.model.pretrained, dtype=conf.model.dtype,
                                   attn_implementation=conf.model.attn_implementation, device=device)
-    inputs = sample_inputs(model, processor)
+    inputs = sample_inputs(model, processor, system=conf.model.system_prompt)
     return Session(conf=conf, model=model, processor=processor, model_id=conf.model.name,
                    revision=conf.model.revision or checkpoint_hash(conf.model.pretrained), inputs=inputs,
                    groups=group_sizes(model, inputs["input_ids"]), store=store,
@@ -185,7 +201,7 @@ def _evaluate_spec(session: Session, spec: dict[str, Any], benchmarks: list[Benc
         tflops, eq_tokens = flops_of(model, session.groups, policy)
     prefill_s = prefill_latency(model, session.inputs, policy, method=base, knob=knob)
     lm = DopLMM.from_model(model, session.processor, policy=policy, method=base, knob=knob,
-                           batch_size=session.batch_size, name=session.model_id)
+                           batch_size=session.batch_size, name=session.model_id, system_prompt=conf.model.system_prompt)
     method_extra: dict[str, Any] = {}
     if base is not None:
         method_extra = {**match.as_dict(), "hparams": dict(base.hparams),
@@ -208,12 +224,13 @@ def _evaluate_cell(session: Session, lm: DopLMM, spec: dict[str, Any], bench: Be
     """One benchmark of one spec: lmms-eval, then one record per metric (skipped when stored)."""
     conf = session.conf
     limit = conf.benchmark.limit if conf.benchmark.limit is not None else bench.limit
-    signature = eval_signature(dataclasses.asdict(conf.data), bench, limit, session.revision)
+    signature = eval_signature(dataclasses.asdict(conf.data), bench, limit, session.revision, conf.model.system_prompt)
     if not conf.overwrite and is_done(session.store, cell, bench.recorded_metrics, signature):
         log.info("skip %s / %s: already in the store", bench.name, cell["method"])
         return
     setup = task_setup(bench, session.run_dir, conf.data)
     before = lm.stats["model_seconds"]
+    lm.meter.reset()
     if session.model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     results = evaluate_benchmark(lm, setup, limit, output_dir=session.run_dir / "lmms_eval")
@@ -232,8 +249,8 @@ def _evaluate_cell(session: Session, lm: DopLMM, spec: dict[str, Any], bench: Be
                      peak_memory_bytes=peak_memory(session.model.device), versions=session.versions,
                      git_sha=session.sha, task_config_hash=setup.config_hash or task_hash(results, setup.tasks),
                      extra={"policy_path": spec["path"], "limit": conf.benchmark.limit, "tasks": list(bench.tasks),
-                            "eval_signature": signature, "groups": session.groups, "batch_size": session.batch_size,
-                            **method_extra})
+                            "eval_signature": signature, "groups": session.groups,
+                            "measured_groups": lm.meter.mean(), "batch_size": session.batch_size, **method_extra})
         path = save_record(session, rec)
         session.summary.append({**cell, "metric": metric, "value": value, "tflops": measured["tflops"],
                                 "samples": samples, "record": str(path), "knob": method_extra.get("knob"),

@@ -3,11 +3,13 @@
     dop                                  # tiny_llava + synthetic data + ratio budgets 0.5/0.35/0.25
     dop model=llava15_7b benchmark=paper13 budget=tokens budget.values=[192,128,64]
 
-Steps (each resumes from what the run directory already holds): the dense reference and the
-single-change divergence sweep (``<run>/sweep``), the exact budgeted search (``<run>/policies``,
-``<run>/search.json``), the evaluation of dense and of every found policy through the lmms-eval
-plugin (records in the results store), and the report of this run's records (``<run>/report``).
-W&B gets one run for the whole job. A run directory made by another configuration is refused.
+Steps (each resumes from what is already there): the dense reference, the single-change divergence
+sweep and the exact budgeted search, in the search store (``dop.stages.store``: one search per
+model, calibration set, search space and budgets, shared by every benchmark cell; ``<run>/policies``
+and ``<run>/search.json`` link to it), the evaluation of dense and of the stored policies through
+the lmms-eval plugin (records in the results store), and the report of this run's records
+(``<run>/report``). W&B gets one run for the whole job. A run directory made by another
+configuration is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ from dop.results import ResultsStore
 from dop.search.reference import uniform_policy
 from dop.space import parse_pair
 from dop.stages import evaluate, report, search
-from dop.stages.config import PipelineStage, baseline_method_config, benchmarks_of, budgets_of, load
+from dop.stages.config import (
+    DOP_METHODS,
+    PipelineStage,
+    baseline_method_config,
+    benchmarks_of,
+    budgets_of,
+    load,
+)
 from dop.tracking import log_metrics, start_run
 
 log = logging.getLogger("dop.pipeline")
@@ -111,7 +120,8 @@ def execute(conf: PipelineStage, config: Any = None) -> dict[str, Any]:
         log.info("[%d/%d] evaluate dense", next(step), steps)
         evaluate.execute(conf.evaluate_stage(str(run_dir / "evaluate" / "dense"), policy=None))
         log.info("[%d/%d] evaluate DOP's policies", next(step), steps)
-        evaluate.execute(conf.evaluate_stage(str(run_dir / "evaluate" / "policies"), policy=str(run_dir / "policies")))
+        policies = Path(found.get("search_dir") or run_dir) / "policies"  # the store's files, not the links
+        evaluate.execute(conf.evaluate_stage(str(run_dir / "evaluate" / "policies"), policy=str(policies)))
         if conf.pipeline.uniform:
             log.info("[%d/%d] evaluate the uniform-depth policies of the same budgets", next(step), steps)
             write_uniform_policies(conf, found, run_dir / "uniform")
@@ -188,7 +198,7 @@ def run_records(conf: PipelineStage, run_dir: Path) -> list[dict[str, Any]]:
     return [dataclasses.asdict(r) for r in latest if mine(r)]
 
 
-METHOD_ORDER = ("dense", "dop", "uniform")  # then the baselines, by name
+METHOD_ORDER = ("dense", *DOP_METHODS, "uniform")  # then the baselines, by name
 
 
 def summarize(found: dict[str, Any], records: list[dict[str, Any]], unreachable: list[str] = ()) -> str:
@@ -219,7 +229,7 @@ def summarize(found: dict[str, Any], records: list[dict[str, Any]], unreachable:
     for key in sorted(rows, key=order):
         method, kind, value = key
         row = rows[key]
-        entry = by_budget.get((kind, float(value))) if kind is not None and method == "dop" else None
+        entry = by_budget.get((kind, float(value))) if kind is not None and method in DOP_METHODS else None
         share = (row["tflops"] / dense_tflops) if (dense_tflops and row["tflops"] is not None) else None
         amount = None if row["tflops"] is None else row["tflops"] * 1e12 / unit_scale(unit)
         cells = [method, "-" if kind is None else f"{kind} {value:g}", _fmt(amount, ".4g"), _fmt(share, ".1%"),

@@ -8,6 +8,7 @@ budget; writes ``<run>/policies/<budget>.yaml`` and ``<run>/search.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dop.budget import Budget
+from dop.evaluation.disjoint import OverlapError, check_disjoint
 from dop.evaluation.scoring import calibration_accuracy, calibration_answers
 from dop.flops import (
     FlopsError,
@@ -46,9 +48,10 @@ from dop.search import (
     solve_exact,
 )
 from dop.space import grid_depths, pair_key
-from dop.stages.config import SearchStage, load
+from dop.stages import store
+from dop.stages.config import SearchStage, benchmarks_of, load
 from dop.stages.schema import ConfigError
-from dop.stages.sweep import build_job, set_threads
+from dop.stages.sweep import build_job, calibration_set, set_threads
 from dop.sweep import SweepJob
 from dop.tracking import log_metrics, log_table, start_run
 
@@ -61,12 +64,46 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def execute(conf: SearchStage, job: SweepJob | None = None, config: Any = None) -> dict[str, Any]:
-    """Sweep if needed and solve every budget (``job``: an already built sweep job)."""
+    """Sweep if needed and solve every budget (``job``: an already built sweep job, solved in its run dir).
+
+    Without ``job`` the search lives in the search store (``dop.stages.store``): computed once under
+    a lock, reused when it holds every budget's policy, linked into the run dir. The calibration data
+    is loaded and checked against the configured benchmarks (``check_disjoint``) before the model."""
     set_threads(conf.num_threads)
     if conf.method.n_v and conf.method.objective == "accuracy":
         raise ConfigError("method.n_v is searched on the KL objective (its curve comes from the sweep); "
                           "set method.n_v=null with method.objective=accuracy")
-    job = job or build_job(conf)
+    if job is not None:
+        return _solve(job, conf, config)
+    where = store.location(conf)
+    with where.lock():
+        found = where.done(conf)
+        if found is not None:
+            log.info("search reused from the store: %s", where.search_dir)
+            disjoint(conf, found.get("calibration") or {})
+        else:
+            calibration = calibration_set(conf)
+            disjoint(conf, calibration.source)
+            sweep = dataclasses.replace(conf.sweep, run_dir=str(where.search_dir),
+                                        dir=str(where.sweep_dir) if where.sweep_dir else None)
+            local = dataclasses.replace(conf, sweep=sweep)
+            found = _solve(build_job(local, calibration), local, config)
+            where.write_identity()
+    where.link(conf.paths.run_dir)
+    return {**found, "search_dir": str(where.search_dir)}
+
+
+def disjoint(conf: SearchStage, source: Mapping[str, Any]) -> None:
+    """Refuse calibration data that a configured benchmark evaluates (``data.allow_overlap`` allows it)."""
+    if conf.data.allow_overlap or not source:
+        return
+    try:
+        check_disjoint(source, benchmarks_of(conf.benchmark, check=False), conf.data.name)
+    except OverlapError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _solve(job: SweepJob, conf: SearchStage, config: Any = None) -> dict[str, Any]:
     check_budgets(conf.budgets, job.text_config, job.flops_groups(), convention=conf.method.convention,
                   model=conf.model.name)  # before any sweep point: hours on a 7B model
     if conf.method.objective == "accuracy":
@@ -163,11 +200,21 @@ def _header(job: SweepJob, conf: SearchStage, problem: SearchProblem, solver: st
     results: dict[str, Any] = {"model": job.model_id, "num_layers": job.num_layers, "groups": problem.groups,
                                "pairs": [pair_key(p) for p in job.pairs], "convention": conf.method.convention,
                                "dense_flops": problem.cost.dense, "fingerprint": job.reference.fingerprint,
-                               "solver": solver, "objective": conf.method.objective, "budgets": {}}
+                               "solver": solver, "objective": conf.method.objective, "seed": conf.seed,
+                               "calibration": calibration_record(job), "flops_groups": dict(problem.groups),
+                               "budgets": {}}
     if problem.nv_curve:
         results["n_v"] = {"reducer": job.reducer,
                           "curve": {str(v): k for v, k in sorted(problem.nv_curve.items())}}
     return results
+
+
+def calibration_record(job: SweepJob) -> dict[str, Any]:
+    """The calibration data of a search: source, sample count, seed, the selected ids, and the
+    measured mean tokens per group of its prompts."""
+    record = job.calibration.record() if job.calibration is not None else {
+        "ids": job.reference.sample_ids, "num_samples": len(job.reference.sample_ids)}
+    return {**record, "group_sizes": job.measured_groups()}
 
 
 def _entry(job: SweepJob, conf: SearchStage, problem: SearchProblem, budget: Budget, target: float,
@@ -218,7 +265,8 @@ def _write_policy(job: SweepJob, conf: SearchStage, name: str, policy: Policy, e
     entry["measured_kl"] = measured
     policy.meta = {**policy.meta, "budget": entry["budget"], "predicted_kl": entry["predicted_kl"],
                    "measured_kl": measured, "flops": entry["flops"], "ratio": entry["ratio"],
-                   "fingerprint": job.reference.fingerprint, "objective": conf.method.objective, "solver": solver}
+                   "fingerprint": job.reference.fingerprint, "objective": conf.method.objective, "solver": solver,
+                   "calibration": calibration_record(job)}
     if "depth_kl" in entry:
         policy.meta.update(depth_kl=entry["depth_kl"], n_v_kl=entry["n_v_kl"])
     if conf.method.objective == "accuracy":
@@ -261,7 +309,7 @@ def accuracy_scorer(job: SweepJob, conf: SearchStage) -> AccuracyFn:
         todo = {name: p for name, p in policies.items() if key(p) not in cache}
         if todo:
             for name, acc in calibration_accuracy(model, processor, samples, todo, batch_size=conf.sweep.batch_size,
-                                                  max_new_tokens=max_new).items():
+                                                  max_new_tokens=max_new, system=conf.model.system_prompt).items():
                 cache[key(todo[name])] = acc
         return {name: cache[key(p)] for name, p in policies.items()}
 

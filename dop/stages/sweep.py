@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from dop.data.calibration import CalibrationError, load_calibration
+from dop.data.calibration import CalibrationError, CalibrationSet, load_calibration_set
 from dop.divergence import calibration_batches
 from dop.io import atomic_write_json
 from dop.models import load_model, resolve_device
@@ -87,26 +87,34 @@ def trainer_settings(conf: SweepStage) -> dict[str, Any]:
 
 def calibration_samples(conf: SweepStage) -> list[dict[str, Any]]:
     """``method.num_calibration`` samples of the data group's calibration source."""
+    return calibration_set(conf).samples
+
+
+def calibration_set(conf: SweepStage) -> CalibrationSet:
+    """The calibration samples and their provenance (``dop.data.calibration.CalibrationSet``)."""
     try:
-        return load_calibration(conf.data, conf.method.num_calibration)
+        return load_calibration_set(conf.data, conf.method.num_calibration)
     except CalibrationError as err:
         raise ConfigError(f"data={conf.data.name}: {err}") from None
 
 
-def build_job(conf: SweepStage) -> SweepJob:
-    """The sweep job of a sweep or search stage: model, calibration batches, store, trainer."""
+def build_job(conf: SweepStage, calibration: CalibrationSet | None = None) -> SweepJob:
+    """The sweep job of a sweep or search stage: model, calibration batches, store, trainer
+    (``calibration``: the samples, when the caller loaded them already)."""
     method = conf.method
-    samples = calibration_samples(conf)  # before the model: a bad data source fails in seconds
+    calibration = calibration or calibration_set(conf)  # before the model: a data error costs no model load
     model, processor = load_model(conf.model.pretrained, dtype=conf.model.dtype,
                                   attn_implementation=conf.model.attn_implementation)
+    samples = calibration.samples
     batches = calibration_batches(processor, samples, conf.sweep.batch_size, model=model,
-                                  response_tokens=method.response_tokens)
+                                  response_tokens=method.response_tokens, system=conf.model.system_prompt)
     job = SweepJob(model, batches, model_id=conf.model.hf_id or conf.model.pretrained, run_dir=run_dir_of(conf),
                    pairs=configured_pairs(method), grid_step=method.grid_step, reuse=conf.sweep.reuse,
                    hidden_store=conf.sweep.hidden_store, shard=conf.sweep.shard, num_shards=conf.sweep.num_shards,
                    response_tokens=method.response_tokens, trainer_kwargs=trainer_settings(conf),
                    flops_groups=method.flops_groups, sweep_dir=conf.sweep.dir, n_v=method.n_v,
                    reducer=method.reducer, processor=processor, samples=samples)
+    job.calibration = calibration
     return job
 
 

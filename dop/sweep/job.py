@@ -130,6 +130,7 @@ class SweepJob:
         self.reference = DenseReference(batches, fp, self.num_layers, self.run_dir / "dense", hidden,
                                         keep_mids=reuse == "half_layer")
         self.last_stats: dict[str, Any] = {}
+        self.calibration: Any = None  # the stage's CalibrationSet (provenance recorded with the search)
         self._reference_device: torch.device | None = None
 
     @property
@@ -211,9 +212,13 @@ class SweepJob:
         return {r["policy"]: r["kl"] for r in out}
 
     def flops_groups(self) -> dict[str, float]:
-        """Token counts per group for FLOPs budgets: configured, else the calibration-set mean."""
+        """Token counts per group for FLOPs budgets: configured, else the calibration-set mean (rounded)."""
         if self._flops_groups:
             return dict(self._flops_groups)
+        return {g: round(v) for g, v in self.measured_groups().items()}
+
+    def measured_groups(self) -> dict[str, float]:
+        """The mean tokens per group of the calibration prompts (teacher-forced answers included)."""
         totals: dict[str, float] = {}
         n = 0
         for batch in self.reference.batches:
@@ -221,4 +226,4 @@ class SweepJob:
             for g, mask in groups.items():
                 totals[g] = totals.get(g, 0.0) + float(mask.sum())
             n += batch.size
-        return {g: round(v / n) for g, v in totals.items()}
+        return {g: v / n for g, v in totals.items()}

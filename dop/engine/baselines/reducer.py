@@ -33,9 +33,11 @@ methods implement ``reduce_image``/``select_image`` there). FLOPs are the same o
 ``k`` of each image's packed rows are kept per image (split over its crops, each crop scored by its
 own [CLS] attention, or for TRIM / CDPruner by the relevance to the instruction) and the others
 dropped before layer 0 (``dop.engine.baselines.vision_access_next``).
-Other families (OneVision's SigLIP has no [CLS] and its packing interpolates, InternVL
-pixel-shuffles tiles, Qwen3-VL adds deepstack features) raise ``MethodError`` in ``check_model``,
-naming the supported ones.
+InternVL (``internvl``) works the same way: ``k`` of each image's pixel-shuffled tile rows are kept
+(split over its tiles, each scored by its own [CLS] attention) and the others dropped before layer 0
+(``dop.engine.baselines.vision_access_internvl``). Other families (OneVision's SigLIP has no [CLS]
+and its packing interpolates, Qwen3-VL adds deepstack features) raise ``MethodError`` in
+``check_model``, naming the supported ones.
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ from dop.engine.baselines.vision_access import (
     check_qwen_tower,
     is_qwen,
 )
+from dop.engine.baselines.vision_access_internvl import (
+    INTERNVL_MODEL_TYPES,
+    InternVisualReducer,
+    check_internvl_tower,
+    is_internvl,
+)
 from dop.engine.baselines.vision_access_next import (
     NEXT_MODEL_TYPES,
     NextVisualReducer,
@@ -68,14 +76,14 @@ from dop.engine.core import prune
 from dop.models import resolve_path
 from dop.ops import VISION
 
-SUPPORTED_MODEL_TYPES = ("llava", *QWEN_MODEL_TYPES, *NEXT_MODEL_TYPES)
+SUPPORTED_MODEL_TYPES = ("llava", *QWEN_MODEL_TYPES, *NEXT_MODEL_TYPES, *INTERNVL_MODEL_TYPES)
 CLIP_TOWER_TYPES = ("llava", "llava_next")  # CLIP-L/336 towers: a CLIP text tower shares their joint space
 
 
 def drops_rows(model: nn.Module) -> bool:
-    """Whether the reducers keep the prompt and drop visual rows before layer 0 (Qwen-VL, LLaVA-NeXT)
-    instead of shortening it (LLaVA-1.5)."""
-    return is_qwen(model) or is_llava_next(model)
+    """Whether the reducers keep the prompt and drop visual rows before layer 0 (Qwen-VL, LLaVA-NeXT,
+    InternVL) instead of shortening it (LLaVA-1.5)."""
+    return is_qwen(model) or is_llava_next(model) or is_internvl(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,11 +96,15 @@ def check_reducible(model: nn.Module, method: str, model_types: tuple[str, ...] 
     cfg = getattr(model, "config", None)
     mtype = getattr(cfg, "model_type", None)
     if mtype not in model_types:
-        names = {"llava": "LLaVA-1.5", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "llava_next": "LLaVA-NeXT"}
+        names = {"llava": "LLaVA-1.5", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "llava_next": "LLaVA-NeXT",
+                 "internvl": "InternVL"}
         raise MethodError(f"method {method!r} (pre-LLM reducer) supports model types {list(model_types)} "
                           f"({', '.join(names.get(t, t) for t in model_types)}); got {mtype!r}{why}")
     if mtype in QWEN_MODEL_TYPES:
         check_qwen_tower(model, method)
+        return
+    if mtype in INTERNVL_MODEL_TYPES:
+        check_internvl_tower(model, method)
         return
     if mtype in NEXT_MODEL_TYPES:  # its packing; its CLIP tower is checked below, as LLaVA-1.5's
         check_next_tower(model, method)
@@ -122,6 +134,9 @@ def tokens_per_image(model: nn.Module) -> int:
     if is_llava_next(model):
         raise MethodError("LLaVA-NeXT tokens per image depend on the image size (anyres crops, unpadding, "
                           "newline rows): count the <image> placeholders of the processed prompt")
+    if is_internvl(model):
+        raise MethodError("InternVL tokens per image depend on the image size (dynamic tiles): count the "
+                          "<IMG_CONTEXT> placeholders of the processed prompt")
     vc = model.config.vision_config
     return (int(vc.image_size) // int(vc.patch_size)) ** 2
 
@@ -262,9 +277,10 @@ class ReducerMethod(Method):
         + prune)."""
         self.check_model(model)
         if not drops_rows(model):
-            raise MethodError(f"method {self.name!r}: visual_selector is for Qwen-VL and LLaVA-NeXT; LLaVA-1.5 "
-                              "shortens the prompt")
-        cls = NextVisualReducer if is_llava_next(model) else QwenVisualReducer
+            raise MethodError(f"method {self.name!r}: visual_selector is for Qwen-VL, LLaVA-NeXT and InternVL; "
+                              "LLaVA-1.5 shortens the prompt")
+        cls = NextVisualReducer if is_llava_next(model) else InternVisualReducer if is_internvl(model) \
+            else QwenVisualReducer
         with cls(model, self, max(int(knob), 0)) as selector:
             yield selector
 
