@@ -119,9 +119,10 @@ def _header(job: SweepJob, conf: SearchStage, problem: SearchProblem, solver: st
     results: dict[str, Any] = {"model": job.model_id, "num_layers": job.num_layers, "groups": problem.groups,
                                "pairs": [pair_key(p) for p in job.pairs], "convention": conf.method.convention,
                                "dense_flops": problem.cost.dense, "fingerprint": job.reference.fingerprint,
-                               "solver": solver, "objective": conf.method.objective, "budgets": {}}
+                               "solver": solver, "objective": conf.method.objective, "budgets": {},
+                               "sweep_store": str(job.store.root)}  # the curves, for per-sample re-solves
     if problem.nv_curve:
-        results["n_v"] = {"reducer": job.reducer,
+        results["n_v"] = {"reducer": job.reducer, "full": job.nv_full,
                           "curve": {str(v): k for v, k in sorted(problem.nv_curve.items())}}
     return results
 
