@@ -27,11 +27,12 @@ import torch
 from PIL import Image
 from tiny_models import BUILDERS, _texts, tokenizer
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaConfig
 
 from dop.adapters import get_adapter
 from dop.budget import Budget
 from dop.engine.baselines import METHODS, MethodError, get_method
-from dop.engine.baselines.budget import SampleMatcher, sample_budget_flops
+from dop.engine.baselines.budget import SampleMatcher, match_budget, nominal_match, sample_budget_flops
 from dop.evaluation import scoring
 from dop.flops import count_flops, flops_breakdown, flops_for_tokens, register_cpu_sdpa_flops, text_shape
 from dop.policy import DepthPolicy
@@ -243,3 +244,37 @@ def test_token_budget_units_per_image_and_per_crop():
     groups = groups_of(nxt, inputs)
     got = sample_budget_flops(Budget("tokens", 32), nxt.config, groups, a.budget_units([hw]))
     assert got == count_flops(nxt.config, {**groups, "vision": 32})
+
+
+LLAVA15_TEXT = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32064)
+LLAVA15_PROMPT = {"system": 35, "vision": 576, "instruction": 45}
+
+
+@pytest.mark.parametrize("k", [192, 128, 64])
+def test_pdrop_schedule_at_llava15_budgets_is_geometric(k):
+    pdrop = get_method("pdrop")
+    m = match_budget(pdrop, LLAVA15_TEXT, LLAVA15_PROMPT, Budget("tokens", k))
+    first, lam = m.knob
+    stages = pdrop.stages(32, m.knob)
+    sched = pdrop.schedule(LLAVA15_PROMPT, 32, m.knob)
+    print(f"\npdrop at tokens {k}: knob {m.knob}, kept {[(layer, sched[layer]['vision']) for layer, _ in stages]}")
+    # a member of the paper's family: lam, lam^2, lam^3 from three evenly spaced boundaries
+    assert [r for _, r in stages] == pytest.approx([lam, lam ** 2, lam ** 3])
+    assert stages[0][0] == first and stages[2][0] - stages[1][0] == pytest.approx(stages[1][0] - first, abs=1)
+    assert m.flops <= flops_for_tokens(LLAVA15_TEXT, LLAVA15_PROMPT, k)
+    # the paper's first layer (8 dense layers: 144 tokens already) cannot fit; harder lambdas only from layer 1
+    assert first < 8 and (lam >= 0.5 or first == 1)
+
+
+@pytest.mark.parametrize("k", [192, 128, 96, 64])
+def test_sparsevlm_labelled_rows_cost_more_than_their_names_and_matched_rows_fit(k):
+    sparse = get_method("sparsevlm")
+    labelled = nominal_match(sparse, LLAVA15_TEXT, LLAVA15_PROMPT, Budget("tokens", k))
+    matched = match_budget(sparse, LLAVA15_TEXT, LLAVA15_PROMPT, Budget("tokens", k))
+    print(f"\nsparsevlm at {k}: labelled {labelled.knob} = {labelled.equivalent_tokens:.1f} tokens, "
+          f"matched {matched.knob} = {matched.equivalent_tokens:.1f}")
+    assert labelled.knob == k and labelled.mode == "nominal" and not labelled.reachable
+    assert labelled.equivalent_tokens > k + 10  # recycled clusters and dense early layers
+    assert matched.knob[0] in sparse.schedules and 0 < matched.knob[1] < 1
+    assert matched.flops <= matched.budget_flops and k - 2 < matched.equivalent_tokens <= k
