@@ -278,3 +278,28 @@ def test_sparsevlm_labelled_rows_cost_more_than_their_names_and_matched_rows_fit
     assert labelled.equivalent_tokens > k + 10  # recycled clusters and dense early layers
     assert matched.knob[0] in sparse.schedules and 0 < matched.knob[1] < 1
     assert matched.flops <= matched.budget_flops and k - 2 < matched.equivalent_tokens <= k
+
+
+def test_dop_with_a_front_end_resolved_per_sample():
+    """The searched n_v curve (KL per kept visual tokens per image) re-solved jointly with the depths on
+    each sample's sizes: values at or above the sample's own rows mean no reduction; FLOPs at most the
+    budget, and FlopCounterMode on the run through the reducer agrees."""
+    model, samples = built("qwen2_vl")
+    cfg, L = model.config, text_shape(model.config).num_layers
+    pairs = all_pairs(["system", "vision", "instruction"])
+    nv_curve = {2: 0.8, 4: 0.3, 12: 0.05, 16: 0.0}  # measured on 16-row calibration images
+    solver = ShapeSolver(cfg, pairs, _curves(pairs, L, seed=2), solver="exact", nv_curve=nv_curve, nv_full=16,
+                         reducer="fastervlm")
+    assert solver._nv_curve({"vision": 8}, 1) == {2: 0.8, 4: 0.3, 8: 0.0}  # its own 8 rows: no reduction
+    seen_nv = set()
+    for budget in (Budget("ratio", 0.6), Budget("ratio", 0.4)):
+        for inputs, _ in samples:
+            groups = groups_of(model, inputs)
+            target = budget.value * count_flops(cfg, groups)
+            sol = solver.solve(groups, target)
+            policy = solver.policy(sol)
+            flops = count_flops(cfg, groups, policy, num_images=1)
+            assert flops == pytest.approx(sol.flops, rel=1e-9) and flops <= target * (1 + 1e-9)
+            assert sum(x["total"] for x in decoder_flops(model, inputs, policy=policy)) == flops
+            seen_nv.add(policy.n_v)
+    assert len(seen_nv) > 1  # the front end's choice differs between samples / budgets

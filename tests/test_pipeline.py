@@ -52,6 +52,12 @@ def test_pipeline_end_to_end(tmp_path):
     assert found[0.5] >= dense[0]["value"] - 0.02  # the 50% policy keeps accuracy within 2 points
     budgets = sorted(r["budget_value"] for r in records if r["method"] == "dop")
     assert budgets == [0.25, 0.35, 0.5]
+    for r in records:  # the searched policy re-solved on each sample's own sizes, within its own budget
+        extra = r["extra"]
+        if r["method"] == "dop":
+            flops = extra["per_sample_flops"]
+            assert extra["resolver"] == "PolicyResolver" and flops["n"] == 200 and flops["over_budget"] == 0
+            assert flops["unreachable"] == 0 and flops["max_share"] <= r["budget_value"] + 1e-9
     report = (run_dir / "report" / "report.md").read_text()
     for value in ("0.5", "0.35", "0.25"):
         assert value in report
