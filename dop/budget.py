@@ -11,12 +11,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dop.errors import DopError
+
 KINDS: tuple[str, ...] = ("tflops", "ratio", "tokens")
 _ALIASES = {"tflop": "tflops", "flops": "tflops", "dense_ratio": "ratio", "fraction": "ratio",
             "token": "tokens", "visual_tokens": "tokens", "equivalent_tokens": "tokens"}
 
 
-class BudgetError(ValueError):
+class BudgetError(DopError, ValueError):
     """A budget cannot be parsed, or cannot be reached."""
 
 

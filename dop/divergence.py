@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dop.errors import DopError
 from dop.models import prepare_inputs
 
 
-class DivergenceError(ValueError):
+class DivergenceError(DopError, ValueError):
     """The calibration set or the dense reference cannot be used."""
 
 

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dop.errors import DopError
 from dop.ops import OP_TYPES, VISION, OpType, as_op_type
 from dop.policy import DepthPolicy, Policy
 
@@ -53,7 +54,9 @@ __all__ = [
     "flops_breakdown",
     "flops_for_tokens",
     "flops_report",
+    "flops_unit",
     "format_flops",
+    "unit_scale",
     "format_kept_tokens",
     "kept_tokens_per_layer",
     "layer_rows",
@@ -71,7 +74,7 @@ LmHead = Literal["none", "last", "all"]
 COMPONENTS: tuple[str, ...] = ("q", "k", "v", "o", "qk", "av", "mlp")
 
 
-class FlopsError(ValueError):
+class FlopsError(DopError, ValueError):
     """Bad input to the FLOPs model (unknown convention, group, field, negative count...)."""
 
 
@@ -710,6 +713,20 @@ def equivalent_tokens(
 # Presentation
 # --------------------------------------------------------------------------------------------
 _UNITS = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
+
+
+def flops_unit(values: Iterable[Number]) -> str:
+    """The SI prefix a table of FLOPs counts reads best in: the largest one in which the largest value
+    is at least 1 (the embedded model's prefill is 110 MFLOPs, not 0.00011 TFLOPs; a 7B's 9.47 TFLOPs)."""
+    top = max((abs(float(v)) for v in values if v is not None), default=0.0)
+    return next((u for u in ("P", "T", "G", "M", "K") if top >= _UNITS[u]), "")
+
+
+def unit_scale(unit: str) -> float:
+    """FLOPs in one ``unit`` FLOPs (``"M"`` -> 1e6)."""
+    if unit not in _UNITS:
+        raise FlopsError(f"unknown unit {unit!r}; valid units: {sorted(_UNITS)}")
+    return _UNITS[unit]
 
 
 def format_flops(flops: Number, unit: str = "T", digits: int = 2, suffix: str = "FLOPs") -> str:

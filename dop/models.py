@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from dop.errors import DopError
 
 TINY_LLAVA = "tiny_llava"
 TINY_CLIP_TEXT = "tiny_clip_text"  # the CLIP text tower aligned with tiny_llava's vision tower (TRIM, CDPruner)
@@ -27,6 +29,10 @@ _DTYPES = {
 }
 
 
+class ModelError(DopError, ValueError):
+    """A model name or path that does not resolve to a checkpoint."""
+
+
 def resolve_dtype(dtype) -> torch.dtype | str | None:
     """``None`` / ``"auto"`` pass through; strings map to torch dtypes."""
     if dtype is None or isinstance(dtype, torch.dtype):
@@ -35,7 +41,7 @@ def resolve_dtype(dtype) -> torch.dtype | str | None:
     if key == "auto":
         return "auto"
     if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(_DTYPES)} or 'auto'")
+        raise ModelError(f"model.dtype={dtype!r} is not valid; valid: {', '.join(sorted(_DTYPES))}, auto")
     return _DTYPES[key]
 
 
@@ -58,11 +64,24 @@ def resolve_path(name_or_path: str) -> str:
                 f"rebuild it with the command in dop/assets/{name}/README.md"
             )
         return str(path)
+    if _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise ModelError(f"model.pretrained={name!r}: no such checkpoint directory (a local path, a hub id "
+                         f"org/name, or one of {sorted(EMBEDDED)})")
     return name
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (``org/name``): absolute, relative with ./ or ../, ~, or deeper."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def load_processor(name_or_path: str):
     return AutoProcessor.from_pretrained(resolve_path(name_or_path))
+
+
+def load_config(name_or_path: str):
+    """The model's config alone (no weights): FLOPs and layer counts without loading the model."""
+    return AutoConfig.from_pretrained(resolve_path(name_or_path))
 
 
 def load_model(
@@ -80,7 +99,10 @@ def load_model(
     kwargs = {"attn_implementation": attn_implementation}
     dt = resolve_dtype(dtype)
     kwargs["dtype"] = "auto" if dt is None else dt
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except OSError as err:  # a hub id that is neither cached nor downloadable (offline), a broken checkpoint
+        raise ModelError(f"model.pretrained={name_or_path!r} cannot be loaded: {' '.join(str(err).split())[:300]}") from None
     model.to(device)
     model.eval()
     processor = load_processor(name_or_path)

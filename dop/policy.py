@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from dop.errors import DopError
 from dop.io import atomic_write_text
 from dop.ops import INSTRUCTION, OP_TYPES, Operation, OpType, as_op_type
 
@@ -41,7 +42,7 @@ def check_front_end(n_v: Any, reducer: Any) -> tuple[int | None, str | None]:
     return n_v, reducer or DEFAULT_REDUCER
 
 
-class PolicyError(ValueError):
+class PolicyError(DopError, ValueError):
     """A policy does not fit a model, or a policy file is malformed."""
 
 
@@ -375,14 +376,23 @@ def all_pairs(groups: Iterable[str], types: Iterable[OpType | str] = OP_TYPES) -
 
 
 def _load_yaml(path_or_text: str | Path) -> Any:
-    path = Path(path_or_text) if not isinstance(path_or_text, str) or "\n" not in path_or_text else None
-    if path is not None and path.exists():
-        text = path.read_text()
-    elif isinstance(path_or_text, str) and ("\n" in path_or_text or ":" in path_or_text) and not path_or_text.endswith((".yaml", ".yml", ".json")):
-        text = path_or_text
+    """A policy document from a file, or from YAML/JSON text (text has a line break or starts with
+    ``{``; anything else is a path, so a missing path is never read as inline YAML)."""
+    text_given = isinstance(path_or_text, str) and ("\n" in path_or_text or path_or_text.lstrip().startswith("{"))
+    if text_given:
+        where, text = "policy text", path_or_text
     else:
-        raise PolicyError(f"policy file {str(path_or_text)!r} does not exist")
+        path = Path(path_or_text)
+        if not path.is_file():
+            raise PolicyError(f"policy file {str(path_or_text)!r} does not exist"
+                              + (" (it is a directory; name a .yaml file in it)" if path.is_dir() else ""))
+        where, text = f"policy file {str(path)!r}", path.read_text()
     try:
-        return yaml.safe_load(text)
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise PolicyError(f"policy file {str(path_or_text)!r} is not valid YAML/JSON: {exc}") from exc
+        raise PolicyError(f"{where} is not valid YAML/JSON: {' '.join(str(exc).split())}") from None
+    if doc is None:
+        raise PolicyError(f"{where} is empty: a policy is a mapping with 'pruned' (or 'depths'), see Policy.to_yaml")
+    if not isinstance(doc, Mapping):
+        raise PolicyError(f"{where} must hold a mapping (a policy), got {type(doc).__name__}")
+    return doc

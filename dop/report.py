@@ -28,6 +28,8 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+from dop.flops import flops_unit
+from dop.flops import unit_scale as flops_scale
 from dop.results import Record
 
 matplotlib.use("Agg")  # no display on cluster nodes; before pyplot
@@ -62,12 +64,23 @@ class Table:
     benchmarks: list[str]
     rows: list[Row]
     multi_model: bool = False
-    baselines: bool = False  # show TFLOPs / Knob / Paper TFLOPs columns
+    baselines: bool = False  # show the Knob / Paper FLOPs columns
+    unit: str | None = None  # SI prefix of the FLOPs column (None: no row has FLOPs)
+    dense_tflops: dict[str, float] = field(default_factory=dict)  # per model
 
     def header(self) -> list[str]:
-        extra = ["TFLOPs", "Knob", "Paper TFLOPs"] if self.baselines else []
-        return (["Model"] if self.multi_model else []) + ["Method", "Budget", *extra, *self.benchmarks,
+        flops = [f"{self.unit}FLOPs", "of dense"] if self.unit is not None else []
+        extra = ["Knob", f"Paper {self.unit or 'T'}FLOPs"] if self.baselines else []
+        return (["Model"] if self.multi_model else []) + ["Method", "Budget", *flops, *extra, *self.benchmarks,
                                                           "Avg", "% dense"]
+
+    def share(self, row: Row) -> float | None:
+        """The row's prefill FLOPs as a share of its model's dense prefill."""
+        dense = self.dense_tflops.get(row.model)
+        return None if row.tflops is None or not dense else row.tflops / dense
+
+    def in_unit(self, tflops: float | None) -> float | None:
+        return None if tflops is None or self.unit is None else tflops * 1e12 / flops_scale(self.unit)
 
 
 def _headline(benchmark: str, metrics: Mapping[str, str] | None) -> str | None:
@@ -127,8 +140,11 @@ def build_table(records: Iterable[Record], metrics: Mapping[str, str] | None = N
                 -(row.budget_value if row.budget_value is not None else math.inf))
 
     models = {row.model for row in rows.values()}
+    flops = [row.tflops * 1e12 for row in rows.values() if row.tflops is not None]
     return Table(benchmarks, sorted(rows.values(), key=order), multi_model=len(models) > 1,
-                 baselines=any(row.knob is not None for row in rows.values()))
+                 baselines=any(row.knob is not None for row in rows.values()),
+                 unit=flops_unit(flops) if flops else None,
+                 dense_tflops={m: r.tflops for m, r in dense.items() if r.tflops is not None})
 
 
 def _fmt(x: float | None, digits: int) -> str:
@@ -141,14 +157,18 @@ def table_cells(table: Table, digits: int = 3, raw: bool = False) -> list[list[A
     for row in table.rows:
         cells: list[Any] = [row.model] if table.multi_model else []
         cells += [row.method, row.budget_label]
+        share = table.share(row)
+        if table.unit is not None:
+            amount = table.in_unit(row.tflops)
+            cells += [amount, share] if raw else [_fmt_sig(amount), _fmt(None if share is None else 100 * share, 1)
+                                                  + ("%" if share is not None else "")]
         if table.baselines:
-            knob = "-" if row.knob is None else str(row.knob)
+            paper = table.in_unit(row.paper_tflops)
             if raw:
-                cells += [row.tflops, row.knob, row.paper_tflops]
+                cells += [row.knob, paper]
             else:
-                # 4 significant digits: tiny models run at 1e-4 TFLOPs, 7B models at ~10
-                paper = "-" if row.paper_tflops is None else f"{row.paper_tflops:.4g} ({row.paper_convention})"
-                cells += ["-" if row.tflops is None else f"{row.tflops:.4g}", knob, paper]
+                cells += ["-" if row.knob is None else str(row.knob),
+                          "-" if paper is None else f"{_fmt_sig(paper)} ({row.paper_convention})"]
         for b in table.benchmarks:
             v = row.values.get(b)
             cells.append(v if raw else _fmt(v, digits))
@@ -156,6 +176,13 @@ def table_cells(table: Table, digits: int = 3, raw: bool = False) -> list[list[A
         cells.append(row.pct_dense if raw else _fmt(row.pct_dense, 1))
         out.append(cells)
     return out
+
+
+def _fmt_sig(x: float | None) -> str:
+    """4 significant digits, never scientific for table-sized numbers (110.1, 9.47, 0.5234)."""
+    if x is None:
+        return "-"
+    return f"{x:.4g}" if 1e-3 <= abs(x) < 1e5 else f"{x:.3e}"
 
 
 def to_markdown(table: Table, digits: int = 3) -> str:
@@ -185,18 +212,19 @@ def write_csv(table: Table, path: str | Path) -> Path:
 
 def plot_accuracy_vs_tflops(records: Sequence[Record], path: str | Path, benchmark: str | None = None,
                             metrics: Mapping[str, str] | None = None) -> Path:
-    """PNG: score (one benchmark, or the row average) against prefill TFLOPs, one line per method.
+    """PNG: score (one benchmark, or the row average) against prefill FLOPs (in the table's SI unit; a
+    second axis shows the share of dense for one model), one line per method.
 
     Dense is drawn as a star on every method's line end, so each curve reads as "down from dense".
     """
     table = build_table(records, metrics)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     by_method: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for row in table.rows:
         y = row.values.get(benchmark) if benchmark else row.avg
         if row.tflops is None or y is None:
             continue
-        by_method.setdefault((row.model, row.method), []).append((row.tflops, y))
+        by_method.setdefault((row.model, row.method), []).append((table.in_unit(row.tflops), y))
     colors = plt.get_cmap("tab20").colors  # 14+ methods: the default 10-colour cycle repeats
     markers = "osD^v<>pPXh"
     for i, ((model, method), pts) in enumerate(sorted(by_method.items())):
@@ -207,9 +235,13 @@ def plot_accuracy_vs_tflops(records: Sequence[Record], path: str | Path, benchma
         else:
             ax.plot(*zip(*pts), marker=markers[i % len(markers)], label=label, color=colors[i % len(colors)],
                     linewidth=2.5 if method == "dop" else 1.5)
-    ax.set_xlabel("prefill TFLOPs")
+    ax.set_xlabel(f"prefill {table.unit or 'T'}FLOPs")
     ax.set_ylabel(benchmark or "average score")
     ax.grid(alpha=0.3)
+    if len(table.dense_tflops) == 1:  # one model: its share of dense on top
+        dense = table.in_unit(next(iter(table.dense_tflops.values())))
+        top = ax.secondary_xaxis("top", functions=(lambda x: x / dense, lambda r: r * dense))
+        top.set_xlabel("share of dense prefill FLOPs")
     if by_method:
         ax.legend(fontsize=8)
     path = Path(path)
@@ -234,17 +266,48 @@ def policy_matrix(policy: Any, num_layers: int, groups: Iterable[str],
     return mat, labels
 
 
-def policy_heatmap(policy: Any, num_layers: int, groups: Iterable[str], path: str | os.PathLike) -> Path:
-    """Save a PNG of layers x (group, type), dark = pruned."""
-    mat, labels = policy_matrix(policy, num_layers, groups)
-    fig, ax = plt.subplots(figsize=(1 + 0.45 * len(labels), 1 + 0.25 * num_layers))
-    ax.imshow(mat, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("layer")
-    ax.set_title("pruned operations", fontsize=9)
-    fig.tight_layout()
+def policy_title(policy: Any, name: str | None = None) -> str:
+    """A one- or two-line title from a searched policy's metadata: budget, FLOPs share, KL, n_v."""
+    meta = getattr(policy, "meta", None) or {}
+    head = name or ""
+    budget = meta.get("budget")
+    if isinstance(budget, Mapping) and "kind" in budget:
+        head = f"{head} ({budget['kind']} {float(budget['value']):g})" if head else f"{budget['kind']} {float(budget['value']):g}"
+    facts = []
+    if meta.get("ratio") is not None:
+        facts.append(f"{100 * float(meta['ratio']):.1f}% of dense FLOPs")
+    if meta.get("predicted_kl") is not None:
+        facts.append(f"KL predicted {float(meta['predicted_kl']):.4f}")
+    if meta.get("measured_kl") is not None:
+        facts.append(f"measured {float(meta['measured_kl']):.4f}")
+    if getattr(policy, "n_v", None) is not None:
+        facts.append(f"n_v {policy.n_v} ({policy.reducer})")
+    return "\n".join(x for x in (head or "policy", ", ".join(facts)) if x)
+
+
+def policy_heatmap(policy: Any, num_layers: int, groups: Iterable[str], path: str | os.PathLike,
+                   title: str | None = None) -> Path:
+    """Save a PNG of layers x (group, type), dark = pruned (skipped), with the policy's FLOPs share and
+    predicted / measured KL in the title (``policy_title``) unless ``title`` is given."""
+    fig = heatmap_figure(policy, num_layers, groups, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def heatmap_figure(policy: Any, num_layers: int, groups: Iterable[str], title: str | None = None) -> Any:
+    """The heatmap of ``policy_heatmap`` as a matplotlib figure (its image is ``policy_matrix``)."""
+    groups = list(groups)
+    mat, labels = policy_matrix(policy, num_layers, groups)
+    fig, ax = plt.subplots(figsize=(2.2 + 0.5 * len(labels), 1.4 + 0.28 * num_layers))
+    ax.imshow(mat, aspect="auto", cmap="Greys", vmin=0, vmax=1.25, interpolation="nearest")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(num_layers), [str(v) for v in range(num_layers)], fontsize=6 if num_layers > 16 else 7)
+    for g in range(1, len(groups)):  # separate the groups' (q, kv, mlp) columns
+        ax.axvline(3 * g - 0.5, color="tab:red", linewidth=0.8)
+    ax.set_ylabel("layer (dark: operation skipped)")
+    ax.set_title(title if title is not None else policy_title(policy), fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,9 +28,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from dop.errors import DopError
 from dop.io import atomic_write_json
 
 log = logging.getLogger(__name__)
+
+
+class RecordError(DopError, ValueError):
+    """A document that is not a valid results record (the message names the field)."""
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class CellKey(NamedTuple):
@@ -55,7 +65,7 @@ class Record:
     policy_hash: str | None = None  # Policy.digest(); None for dense
     budget_kind: str | None = None  # ratio | tflops | tokens; None for dense
     budget_value: float | None = None
-    tflops: float | None = None  # prefill TFLOPs of one sample under the policy (dop convention)
+    tflops: float | None = None  # prefill TFLOPs, the mean over the evaluated samples (dop convention)
     equivalent_tokens: float | None = None  # visual tokens kept in every layer at the same FLOPs
     samples: int | None = None
     prefill_latency_s: float | None = None
@@ -81,15 +91,42 @@ class Record:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check(self) -> Record:
+        """Raise ``RecordError`` naming the first field whose value does not fit the schema."""
+        for name in ("model", "method", "benchmark", "metric"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise RecordError(f"record field {name!r} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("value", "timestamp"):
+            if not _is_number(getattr(self, name)):
+                raise RecordError(f"record field {name!r} must be a number, got {getattr(self, name)!r}")
+        for name in ("budget_value", "tflops", "equivalent_tokens", "prefill_latency_s", "total_latency_s"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise RecordError(f"record field {name!r} must be a number or null, got {value!r}")
+        for name in ("samples", "peak_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise RecordError(f"record field {name!r} must be an integer or null, got {value!r}")
+        for name in ("versions", "extra"):
+            if not isinstance(getattr(self, name), dict):
+                raise RecordError(f"record field {name!r} must be a mapping, got {type(getattr(self, name)).__name__}")
+        return self
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Record:
+        """A checked record from its JSON document (``RecordError`` if it is not one)."""
+        if not isinstance(d, dict):
+            raise RecordError(f"a record is a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in d.items() if k in names}
         rest = {k: v for k, v in d.items() if k not in names}
+        missing = sorted({"model", "method", "benchmark", "metric", "value"} - set(known))
+        if missing:
+            raise RecordError(f"record lacks field {missing[0]!r}")
         rec = cls(**known)
-        if rest:  # fields written by a newer dop survive a round trip through `extra`
+        if rest and isinstance(rec.extra, dict):  # fields written by a newer dop survive a round trip through `extra`
             rec.extra = {**rest, **rec.extra}
-        return rec
+        return rec.check()
 
 
 def key_digest(key: CellKey) -> str:
@@ -102,7 +139,18 @@ class ResultsStore:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
 
+    def check_writable(self) -> None:
+        """Fail before any work when records could not be written here (``RecordError`` naming the dir)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.root, prefix=".write-check-", delete=True)
+            probe.close()
+        except OSError as err:
+            raise RecordError(f"results store {self.root} (paths.results_dir) is not writable: {err.strerror}") from None
+
     def append(self, record: Record) -> Path:
+        """Write a checked record (``RecordError`` before anything is written when it is not valid)."""
+        record.check()
         self.root.mkdir(parents=True, exist_ok=True)
         unique = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(record.timestamp))}-{uuid.uuid4().hex[:8]}"
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{record.benchmark}__{record.method}")
@@ -118,7 +166,7 @@ class ResultsStore:
             try:
                 yield Record.from_dict(json.loads(path.read_text()))
             except (OSError, ValueError, TypeError) as err:  # a foreign or damaged file: say so, go on
-                log.warning("results store: skipping %s (%s)", path, err)
+                log.warning("results store: skipping %s: not a record (%s)", path, err)
 
     def records(self, **filters: Any) -> list[Record]:
         """Records whose fields equal every filter (e.g. ``benchmark="pope", method="dense"``)."""

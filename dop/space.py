@@ -11,13 +11,14 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dop.errors import DopError
 from dop.ops import OP_TYPES, OpType, as_op_type
 
 Pair = tuple[str, str]  # (type, group), e.g. ("kv", "vision")
 ATTN = "attn"  # a tied parameter: q and kv of a group share one depth (the paper's D_A)
 
 
-class SpaceError(ValueError):
+class SpaceError(DopError, ValueError):
     """A search-space parameter, grid or curve that cannot be read."""
 
 

@@ -32,4 +32,6 @@ def test_default_config_is_the_embedded_default(tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.run_dir={tmp_path}"])
     assert cfg.model.name == "tiny_llava" and cfg.data.name == "synthetic"
-    assert cfg.benchmark.name == "synthetic" and cfg.method.name == "dop" and cfg.budget.kind == "ratio"
+    assert cfg.benchmark.name == "synthetic" and cfg.method.name == "dop"
+    # budget=model: the model config's own budgets (12/8/6 of the tiny model's 16 visual tokens)
+    assert cfg.budget.kind == cfg.model.budgets.kind == "tokens" and list(cfg.budget["values"]) == [12, 8, 6]

@@ -28,6 +28,9 @@ def _cfg(tmp: Path, *overrides: str):
 
 @needs_tiny
 def test_pipeline_end_to_end(tmp_path):
+    """The main job as `make run` composes it (tiny_llava, its 12/8/6-token budgets): DOP, the uniform-depth
+    policy and the three default baselines at every budget, each at or below it, in the records, the
+    summary and the report; DOP beats the uniform depth and random depth policies of its FLOPs."""
     from dop.stages.pipeline import run
 
     cfg = _cfg(tmp_path, "method.num_calibration=32", "sweep.progress_bar=false")
@@ -37,31 +40,38 @@ def test_pipeline_end_to_end(tmp_path):
                  "report/report.csv", "report/accuracy_vs_tflops.png"):
         assert (run_dir / name).exists(), name
     search = json.loads((run_dir / "search.json").read_text())
-    dense_flops = search["dense_flops"]
-    for value in (0.5, 0.35, 0.25):
-        name = f"ratio_{value}"
+    budgets = [12.0, 8.0, 6.0]
+    for value in budgets:
+        name = f"tokens_{int(value)}"
         entry = search["budgets"][name]
-        assert entry["flops"] <= value * dense_flops + 1e-6
+        assert entry["flops"] <= entry["budget"]["flops"] * (1 + 1e-9)
         policy = Policy.from_yaml(run_dir / "policies" / f"{name}.yaml")
         assert not policy.is_identity and policy.num_layers == search["num_layers"]
         assert entry["measured_kl"] is not None and entry["measured_kl"] >= 0
+        assert (run_dir / "report" / f"policy_{name}.png").stat().st_size > 0  # the policy as a picture
     records = out["records"]
     dense = [r for r in records if r["method"] == "dense"]
     assert len(dense) == 1 and dense[0]["value"] >= 0.9 and dense[0]["samples"] == 200
-    found = {r["budget_value"]: r["value"] for r in records if r["method"] == "dop"}
-    assert found[0.5] >= dense[0]["value"] - 0.02  # the 50% policy keeps accuracy within 2 points
-    budgets = sorted(r["budget_value"] for r in records if r["method"] == "dop")
-    assert budgets == [0.25, 0.35, 0.5]
-    for r in records:  # the searched policy re-solved on each sample's own sizes, within its own budget
-        extra = r["extra"]
-        if r["method"] == "dop":
-            flops = extra["per_sample_flops"]
-            assert extra["resolver"] == "PolicyResolver" and flops["n"] == 200 and flops["over_budget"] == 0
-            assert flops["unreachable"] == 0 and flops["max_share"] <= r["budget_value"] + 1e-9
+    methods = ["dop", "uniform", "fastv", "pdrop", "vispruner"]
+    value = {(r["method"], r["budget_value"]): r for r in records if r["method"] != "dense"}
+    assert set(value) == {(m, b) for m in methods for b in budgets}, sorted(value)
+    for (method, budget), r in value.items():  # every sample of every method at or below its own budget
+        flops = r["extra"]["per_sample_flops"]
+        assert flops["n"] == 200 and flops["over_budget"] == 0 and flops["unreachable"] == 0, (method, budget)
+        assert r["tflops"] == flops["mean_tflops"] and flops["max_share"] < 1
+        resolver = "BaselineResolver" if method in ("fastv", "pdrop", "vispruner") else "PolicyResolver"
+        assert r["extra"]["resolver"] == resolver, (method, budget)  # DOP and uniform re-solved per sample
+    for budget in budgets:
+        assert value[("dop", budget)]["value"] >= value[("uniform", budget)]["value"]
+    assert value[("dop", 12.0)]["value"] >= dense[0]["value"] - 0.02  # 0.89 of dense keeps accuracy
     report = (run_dir / "report" / "report.md").read_text()
-    for value in ("0.5", "0.35", "0.25"):
-        assert value in report
-    # ... and beats the uniform-depth and random depth policies of the same FLOPs
+    for method in methods:
+        assert report.count(f"| {method} |") == 3, method
+    summary = (run_dir / "summary.md").read_text()
+    assert "MFLOPs" in summary and "TFLOPs" not in summary and "e-0" not in summary
+    for method in methods:
+        assert summary.count(f"| {method} |") == 3, method
+    # ... and beats random depth policies of the same FLOPs
     from dop.evaluation.scoring import compare_on_synthetic
     from dop.models import load_model
     from dop.search.reference import reference_policies
@@ -70,13 +80,13 @@ def test_pipeline_end_to_end(tmp_path):
     model, processor = load_model("tiny_llava")
     refs = reference_policies(model.config.get_text_config(), search["groups"],
                               [parse_pair(p) for p in search["pairs"]], search["num_layers"],
-                              search["budgets"]["ratio_0.5"]["budget"]["flops"], n_random=3)
+                              search["budgets"]["tokens_6"]["budget"]["flops"], n_random=3)
     acc = compare_on_synthetic(model, processor, tmp_path / "out" / "data" / "synthetic",
-                               {k: p for k, (p, _) in refs.items()})
-    assert found[0.5] > acc["uniform"] and found[0.5] > max(v for k, v in acc.items() if k.startswith("random"))
+                               {k: p for k, (p, _) in refs.items() if k.startswith("random")})
+    assert value[("dop", 6.0)]["value"] > max(acc.values())
     # a rerun resumes: nothing is recomputed, same policies
     again = run(cfg)
-    assert again["search"]["budgets"]["ratio_0.5"]["depths"] == search["budgets"]["ratio_0.5"]["depths"]
+    assert again["search"]["budgets"]["tokens_6"]["depths"] == search["budgets"]["tokens_6"]["depths"]
 
 
 def test_run_dir_of_another_config_is_refused(tmp_path):
@@ -87,6 +97,18 @@ def test_run_dir_of_another_config_is_refused(tmp_path):
     check_run_dir(tmp_path, conf("budget.values=[0.3]"))  # budgets may change
     with pytest.raises(RunDirError, match="differs in model"):
         check_run_dir(tmp_path, conf("model=llava15_7b"))
+
+
+def test_help_is_dops_and_lists_every_stage():
+    res = subprocess.run([sys.executable, "-m", "dop.cli", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("dop: operation-pruning policies")
+    assert "powered by Hydra" not in res.stdout
+    stages = res.stdout.split("== Stages", 1)[1].split("== Common overrides", 1)[0]
+    for name in STAGES:
+        assert f"\n  {name} " in stages, name
+    examples = res.stdout.split("== Examples ==", 1)[1].split("== Configuration groups", 1)[0]
+    assert examples.count("\n  dop") == 3 and "launcher=slurm" in examples
+    assert "model: " in res.stdout and "tiny_llava" in res.stdout  # then the config groups
 
 
 def test_every_stage_resolves():

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dop.errors import DopError
 from dop.flops import text_config
 from dop.ops import INSTRUCTION, PROMPT_GROUPS, SYSTEM, VISION
 
 
-class AdapterError(ValueError):
+class AdapterError(DopError, ValueError):
     """The model or its inputs do not fit what the adapter expects."""
 
 

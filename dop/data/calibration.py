@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from dop.data.synthetic import ensure_from_config, load_dataset_dir
+from dop.errors import DopError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".cs
 LMMS_MODEL_NAME = "dop"  # = dop.evaluation.plugin.MODEL_NAME (not imported: that module pulls in torch)
 
 
-class CalibrationError(ValueError):
+class CalibrationError(DopError, ValueError):
     """A calibration source that cannot give the requested samples."""
 
 

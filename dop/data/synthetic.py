@@ -39,6 +39,9 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from dop.errors import DopError
+from dop.io import share_dir
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
@@ -61,6 +64,10 @@ RELATIONAL_TYPES: tuple[str, ...] = ("exists", "shape_of_colour", "where", "righ
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "stream": 3}
 DEFAULT_SIZES = {"train": 2000, "val": 500, "test": 1000}
 
+
+
+class SyntheticDataError(DopError, ValueError):
+    """The synthetic data settings do not fit (sizes, or a path holding another dataset)."""
 
 def cell_names(grid: int) -> list[str]:
     """Row-major cell names: ``top_left, top_right, bottom_left, bottom_right`` for a 2x2 grid;
@@ -370,10 +377,11 @@ def ensure_dataset(out_dir, seed: int = 0, sizes: dict | None = None, *, grid: i
     if meta_file.exists():
         have = json.loads(meta_file.read_text())
         if have != meta:
-            raise ValueError(f"{out} holds a synthetic dataset with {have}, asked for {meta}; use another path")
+            raise SyntheticDataError(f"{out} holds a synthetic dataset with {have}, asked for {meta}; use another "
+                                     "data.path")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = share_dir(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # honour the umask, not 0700
     try:
         generate_splits(seed, sizes, grid=grid, image_size=image_size).save_to_disk(str(tmp / "data"))
         for p in (tmp / "data").iterdir():

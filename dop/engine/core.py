@@ -32,6 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dop.adapters import Adapter, get_adapter
+from dop.errors import DopError
 from dop.ops import OpType
 from dop.policy import Policy
 
@@ -39,7 +40,10 @@ _LAYER_PARTS = ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class EngineError(RuntimeError):
+_INSTALLED: weakref.WeakSet = weakref.WeakSet()  # models with a Pruner installed (no nesting on one model)
+
+
+class EngineError(DopError, RuntimeError):
     """The engine cannot run this model or this call."""
 
 
@@ -165,6 +169,11 @@ class Pruner:
     def install(self) -> Pruner:
         if self._hook is not None:
             raise EngineError("this Pruner is already installed")
+        if self.model in _INSTALLED:  # two policies on one model would compute a mixture of both
+            raise EngineError(f"{type(self.model).__name__} is already inside a prune() block: nested prune() on one "
+                              "model is refused; leave the first block, or run one policy combining both "
+                              "(policy_a | policy_b)")
+        _INSTALLED.add(self.model)
         module = self.adapter.input_module()
         self._hook = module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         for i, layer in enumerate(self.layers):
@@ -177,6 +186,7 @@ class Pruner:
         return self
 
     def remove(self) -> None:
+        _INSTALLED.discard(self.model)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

@@ -21,12 +21,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from dop.errors import DopError
 from dop.evaluation.tasks import default_paths
 
 BENCHMARK_DIR = Path(__file__).resolve().parents[2] / "conf" / "benchmark"
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(DopError, ValueError):
     """Unknown benchmark, or a benchmark that cannot run here (missing API key or server)."""
 
 

@@ -148,7 +148,7 @@ def flops_of(model: Any, groups: dict[str, int], policy: Any) -> tuple[float | N
     try:
         eq = equivalent_tokens(model.config, groups, flops) if groups.get("vision") else None
     except FlopsError as err:
-        log.info("no equivalent token count: %s", err)
+        log.debug("no equivalent token count: %s", err)  # a policy that also prunes non-visual groups
         eq = None
     return flops / 1e12, eq
 

@@ -33,12 +33,9 @@ def reference_policies(
 ) -> dict[str, tuple[Policy, float]]:
     """``{name: (policy, flops)}``: the uniform-depth policy and ``n_random`` random ones."""
     out: dict[str, tuple[Policy, float]] = {}
-    for depth in range(num_layers, -1, -1):  # the deepest (cheapest pruning) uniform depth that fits
-        policy = DepthPolicy({p: depth for p in pairs}).expand(num_layers)
-        flops = count_flops(text_config, groups, policy)
-        if flops <= budget_flops:
-            out["uniform"] = (policy, flops)
-            break
+    uniform = uniform_policy(text_config, groups, pairs, num_layers, budget_flops)
+    if uniform is not None:
+        out["uniform"] = uniform
     rng = np.random.default_rng(seed)
     found = 0
     for _ in range(max_draws):
@@ -51,3 +48,15 @@ def reference_policies(
             if found == n_random:
                 break
     return out
+
+
+def uniform_policy(text_config: Any, groups: Mapping[str, float], pairs: Sequence[Pair], num_layers: int,
+                   budget_flops: float) -> tuple[Policy, float] | None:
+    """Every searched pair at one depth D, the deepest (least pruning) D whose FLOPs fit the budget;
+    None when even D = 0 does not fit."""
+    for depth in range(num_layers, -1, -1):
+        policy = DepthPolicy({p: depth for p in pairs}).expand(num_layers)
+        flops = count_flops(text_config, groups, policy)
+        if flops <= budget_flops:
+            return policy, float(flops)
+    return None

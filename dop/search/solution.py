@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dop.budget import BudgetError
+from dop.errors import DopError
 from dop.policy import DepthPolicy
 from dop.space import Pair
 
 REL_TOL = 1e-12  # FLOPs comparisons: the cost model and count_flops sum in different orders
 
 
-class SearchError(ValueError):
+class SearchError(DopError, ValueError):
     """The search cannot run: bad sweep data, unsupported cost model, or no feasible policy."""
 
 class InfeasibleBudgetError(SearchError, BudgetError):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dop.errors import DopError
 from dop.registry import Registry
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the Hydra config tree (conf/)
 
 
-class StageError(ValueError):
+class StageError(DopError, ValueError):
     """An unknown stage name."""
 
 

@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dop.bench import BenchRow, bench_text_tower, build_slice, format_rows, run_bench
 from dop.budget import Budget, parse_budgets
 from dop.engine.baselines import Method, MethodError, get_method, known_methods
 from dop.engine.baselines.budget import match_budget, resolve_method
 from dop.models import resolve_device
-from dop.stages import CONF_DIR
-from dop.stages.config import BenchStage, budgets_of, load
+from dop.stages.config import BenchStage, baseline_method_config, budgets_of, load
 from dop.stages.sweep import set_threads
 
 log = logging.getLogger("dop.bench")
@@ -82,9 +81,5 @@ def _methods(names: list[str], model: Any, groups: dict[str, int], budget: Budge
 
 def method_from_config(name: str) -> Method:
     """A registered method with the hyper-parameters of ``conf/method/<name>.yaml`` (defaults if absent)."""
-    path = Path(CONF_DIR) / "method" / f"{name}.yaml"
-    if path.is_file():
-        node = OmegaConf.load(path)
-        node.name = node.get("name", name)
-        return resolve_method(node)
-    return resolve_method(name)
+    method = baseline_method_config(name)
+    return resolve_method(method.name, **method.hparams)

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar, get_type_hints
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dop.budget import Budget, BudgetError, parse_budgets
 from dop.evaluation.benchmarks import Benchmark, BenchmarkError
 from dop.evaluation.benchmarks import resolve as resolve_benchmarks
+from dop.models import ModelError, resolve_dtype, resolve_path
+from dop.stages import CONF_DIR
 from dop.stages.schema import ConfigError, convert, plain, typed
 from dop.tracking import LoggerConfig
 from dop.training.tiny_llava import TinyArch
@@ -41,6 +44,19 @@ class PathsConfig:
 
 
 @dataclass
+class BudgetConfig:
+    kind: str
+    values: list[float]
+    # flops: each baseline's knob matched to every sample's budget; nominal: its published knob for the
+    # token count (the literature's rows, recorded with their true TFLOPs); both: one row of each.
+    # Optional (default flops) so a whole budget node given in code, an experiment or a model's
+    # `budgets:` stays valid.
+    match: Literal["flops", "nominal", "both"] = "flops"
+    # tflops budgets: the prompt the values were stated for (a sample gets the same share of its own dense)
+    reference_groups: dict[str, float] | None = None
+
+
+@dataclass
 class ModelConfig:
     name: str
     pretrained: str  # a load_model name (tiny_llava), a hub id or a local path
@@ -50,6 +66,23 @@ class ModelConfig:
     hf_id: str | None
     clip_text_tower: str | None
     revision: str | None  # hub revision; null: a hash of a local checkpoint is recorded
+    budgets: BudgetConfig  # the paper's budgets for this model (budget=model)
+
+    def __post_init__(self) -> None:
+        try:
+            resolve_dtype(self.dtype)
+        except ModelError as err:
+            raise ConfigError(str(err)) from None
+        if self.attn_implementation not in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
+            raise ConfigError(f"model.attn_implementation={self.attn_implementation!r} is not valid; valid: "
+                              "eager, sdpa, flash_attention_2, flex_attention")
+
+    def check_checkpoint(self) -> None:
+        """A local ``model.pretrained`` path exists (a hub id is checked when it loads)."""
+        try:
+            resolve_path(self.pretrained)
+        except (ModelError, FileNotFoundError) as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass
@@ -64,6 +97,11 @@ class _SyntheticSettings:
     image_size: int
     sizes: dict[str, int]
     calibration_split: str | None
+
+    def __post_init__(self) -> None:
+        for split, n in self.sizes.items():  # an empty split dies deep inside datasets otherwise
+            if n < 1:
+                raise ConfigError(f"data.sizes.{split}={n}: every split of the synthetic set needs >= 1 sample")
 
 
 @dataclass
@@ -173,18 +211,6 @@ class SweepConfig:
 
 
 @dataclass
-class BudgetConfig:
-    kind: str
-    values: list[float]
-    # flops: each baseline's knob matched to every sample's budget; nominal: its published knob for the
-    # token count (the literature's rows, recorded with their true TFLOPs); both: one row of each.
-    # Optional (default flops) so a whole budget node given in code or an experiment stays valid.
-    match: Literal["flops", "nominal", "both"] = "flops"
-    # tflops budgets: the prompt the values were stated for (a sample gets the same share of its own dense)
-    reference_groups: dict[str, float] | None = None
-
-
-@dataclass
 class BenchmarkConfig:
     name: str
     limit: int | float | None
@@ -248,6 +274,14 @@ class BenchConfig:
     def slice_shape(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
                                               "num_kv_heads", "n_system", "n_vision", "n_instruction")}
+
+
+@dataclass
+class PipelineConfig:
+    """``conf/pipeline``: what the main job evaluates beside DOP at the same budgets."""
+
+    baselines: list[str]
+    uniform: bool
 
 
 @dataclass
@@ -320,6 +354,7 @@ class ReportStage:
 
     paths: PathsConfig
     logger: LoggerConfig
+    policy: str | None  # draw these policy files (a file or a folder) instead of the store's tables
     report_filter: dict[str, Any] | None = None  # e.g. {model: tiny_llava, benchmark: [synthetic]}
 
 
@@ -346,8 +381,10 @@ class TrainStage:
 
 @dataclass
 class PipelineStage:
-    """``dop`` (``stage=pipeline``): sweep + search, evaluate dense and each policy, report."""
+    """``dop`` (``stage=pipeline``): sweep + search, evaluate dense, each policy, the uniform-depth
+    policies and the baselines at the same budgets, report."""
 
+    pipeline: PipelineConfig
     model: ModelConfig
     data: DataConfig
     method: DopMethodConfig
@@ -371,17 +408,18 @@ class PipelineStage:
                            logger=self.logger, seed=self.seed, device=self.device, num_threads=self.num_threads,
                            budget=self.budget)
 
-    def evaluate_stage(self, run_dir: str, policy: str | None) -> EvaluateStage:
-        """Evaluation of dense (``policy=None``) or of the policies in a file or folder, in ``run_dir``."""
-        return EvaluateStage(model=self.model, data=self.data, method=self.method, budget=self.budget,
+    def evaluate_stage(self, run_dir: str, policy: str | None, method: MethodConfig | None = None) -> EvaluateStage:
+        """Evaluation, in ``run_dir``, of dense (``policy=None``), of the policies in a file or folder, or of
+        a baseline ``method`` at this pipeline's budgets (an unreachable budget is reported, not fatal)."""
+        return EvaluateStage(model=self.model, data=self.data, method=method or self.method, budget=self.budget,
                              benchmark=self.benchmark, policy=policy,
                              paths=dataclasses.replace(self.paths, run_dir=run_dir), logger=self.logger,
                              device=self.device, num_threads=self.num_threads, overwrite=self.overwrite,
-                             fail_on_error=self.fail_on_error, eval_batch_size=self.eval_batch_size,
-                             latency_samples=self.latency_samples)
+                             fail_on_error=self.fail_on_error and method is None,
+                             eval_batch_size=self.eval_batch_size, latency_samples=self.latency_samples)
 
     def report_stage(self, run_dir: str, report_filter: dict[str, Any]) -> ReportStage:
-        return ReportStage(paths=dataclasses.replace(self.paths, run_dir=run_dir), logger=self.logger,
+        return ReportStage(paths=dataclasses.replace(self.paths, run_dir=run_dir), logger=self.logger, policy=None,
                            report_filter=report_filter)
 
 
@@ -399,7 +437,7 @@ STAGE_SCHEMAS: dict[str, type] = {"compare": CompareStage, "sweep": SweepStage, 
                                   "evaluate": EvaluateStage, "report": ReportStage, "bench": BenchStage,
                                   "train": TrainStage, "pipeline": PipelineStage}
 # top-level keys no stage reads: the stage name and an experiment's bookkeeping (conf/experiment)
-BOOKKEEPING_KEYS = ("stage", "table", "hydra")
+BOOKKEEPING_KEYS = ("stage", "table", "hydra", "debug")
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,6 +464,8 @@ def load(schema: type[T], cfg: DictConfig | dict[str, Any]) -> T:
             budgets_of(out.budget)
         if f.name == "device":
             check_device(out.device)
+        if f.name == "num_threads" and out.num_threads is not None and out.num_threads < 1:
+            raise ConfigError(f"num_threads={out.num_threads} is not valid; it must be >= 1 (or null)")
     if isinstance(out, EvaluateStage):
         benchmarks_of(out.benchmark, check=False)
     return out
@@ -468,6 +508,21 @@ def method_config(node: Any) -> MethodConfig:
         return typed(DopMethodConfig, data, "method")
     data.pop("name", None)
     return BaselineMethodConfig(name=name, hparams=data)
+
+
+def baseline_method_config(name: str, model: ModelConfig | None = None) -> BaselineMethodConfig:
+    """A baseline with the hyper-parameters of ``conf/method/<name>.yaml`` (interpolations such as
+    ``${oc.select:model.clip_text_tower,null}`` resolved against ``model``); the method's paper
+    defaults when the file does not exist."""
+    path = Path(CONF_DIR) / "method" / f"{name}.yaml"
+    if not path.is_file():
+        return BaselineMethodConfig(name=name)
+    node = OmegaConf.merge({"model": dataclasses.asdict(model) if model is not None else {}},
+                           {"method": OmegaConf.load(path)})
+    method = method_config(node.method)
+    if not isinstance(method, BaselineMethodConfig):
+        raise ConfigError(f"conf/method/{name}.yaml is not a baseline (name: {method.name})")
+    return method
 
 
 def budgets_of(budget: BudgetConfig) -> list[Budget]:

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,13 +55,15 @@ from dop.evaluation.runner import (
     write_samples,
 )
 from dop.evaluation.scoring import group_sizes, sample_inputs
-from dop.flops import text_shape
+from dop.flops import count_flops, flops_unit, format_flops, text_shape
+from dop.io import atomic_write_json
 from dop.models import load_model, resolve_device
 from dop.report import policy_heatmap
-from dop.results import Record, ResultsStore, git_sha, library_versions
+from dop.results import Record, RecordError, ResultsStore, git_sha, library_versions
 from dop.stages.config import POLICY_METHODS, BaselineMethodConfig, EvaluateStage, load
 from dop.stages.sample_budgets import baseline_resolver, policy_resolver
 from dop.stages.schema import ConfigError
+from dop.stages.search import check_budgets
 from dop.stages.sweep import set_threads
 from dop.tracking import log_metrics, log_table, start_run
 
@@ -85,6 +88,14 @@ class Session:
     summary: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     solvers: dict[str, Any] = field(default_factory=dict)  # search dir -> its per-shape DOP solver
+
+    @property
+    def unit(self) -> str:
+        """The SI prefix this model's prefill FLOPs read in (MFLOPs on the embedded model, T on 7B)."""
+        return flops_unit([count_flops(self.model.config, self.groups)])
+
+    def flops(self, tflops: float | None) -> str:
+        return "-" if tflops is None else format_flops(tflops * 1e12, self.unit, digits=4 if self.unit == "" else 2)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -128,13 +139,18 @@ def execute(conf: EvaluateStage, config: Any = None) -> dict[str, Any]:
 
 
 def _session(conf: EvaluateStage) -> Session:
+    store = ResultsStore(conf.paths.results_dir)
+    try:
+        store.check_writable()  # before loading a model: the evaluations would be lost
+    except RecordError as err:
+        raise ConfigError(str(err)) from None
     device = resolve_device(conf.device)
     model, processor = load_model(conf.model.pretrained, dtype=conf.model.dtype,
                                   attn_implementation=conf.model.attn_implementation, device=device)
     inputs = sample_inputs(model, processor)
     return Session(conf=conf, model=model, processor=processor, model_id=conf.model.name,
                    revision=conf.model.revision or checkpoint_hash(conf.model.pretrained),
-                   groups=group_sizes(model, inputs["input_ids"]), store=ResultsStore(conf.paths.results_dir),
+                   groups=group_sizes(model, inputs["input_ids"]), store=store,
                    run_dir=Path(conf.paths.run_dir),
                    batch_size=int(conf.benchmark.batch_size or conf.eval_batch_size or 8))
 
@@ -143,14 +159,21 @@ def _baseline_specs(session: Session, baseline: Method) -> list[dict[str, Any]]:
     """The baseline at every budget and match mode, each resolved per sample. A budget unreachable on
     the model's sample prompt is reported (the others still run)."""
     conf = session.conf
+    check_budgets(conf.budgets, session.model.config, session.groups, model=session.model_id)
     unreachable: list[str] = []
     modes = ["flops", "nominal"] if conf.budget.match == "both" else [conf.budget.match]
     specs = []
     if "flops" in modes:  # pre-flight: matched once on the sample prompt, as before per-sample budgets
         for spec in baseline_specs(baseline, session.model, session.groups, conf.budgets, unreachable):
             m = spec["match"]
-            log.info("%s at %s on the sample prompt: %s=%s, %.4g TFLOPs (budget %.4g)", baseline.name, spec["tag"],
-                     m.knob_name, m.knob, m.tflops, m.budget_flops / 1e12)
+            log.info("%s at %s on the sample prompt: %s=%s, %s (budget %s)%s", baseline.name, spec["tag"],
+                     m.knob_name, m.knob, session.flops(m.tflops), session.flops(m.budget_flops / 1e12),
+                     f", {session.flops(m.paper_tflops)} in the {m.paper_convention} convention" if m.paper_flops
+                     else "")
+            if m.next_flops is None and m.flops < 0.99 * m.budget_flops:
+                log.warning("%s: budget %s exceeds the cost of every %s value on the sample prompt; it runs at the "
+                            "most expensive one (%s=%s, %s)", baseline.name, spec["tag"], m.knob_name, m.knob_name,
+                            m.knob, session.flops(m.tflops))
             specs.append({**spec, "mode": "flops"})
     if "nominal" in modes:
         reference_rows = get_adapter(session.model).reference_rows
@@ -185,14 +208,16 @@ def _evaluate_spec(session: Session, spec: dict[str, Any], benchmarks: list[Benc
     """Every benchmark of one policy (or dense, or one baseline budget)."""
     conf, model = session.conf, session.model
     policy, base = spec["policy"], spec.get("method")
-    method = base.name if base is not None else ("dense" if policy is None else conf.method.name)
+    method = base.name if base is not None else (  # a policy file may name its method (e.g. uniform depth)
+        "dense" if policy is None else policy.meta.get("method") or conf.method.name)
     num_layers = text_shape(model.config).num_layers
     if policy is not None:
         policy.validate(num_layers)
         png = policy_heatmap(policy, num_layers, sorted(session.groups),
                              session.run_dir / "policies" / f"{Path(spec['path']).stem}.png")
         wb.log_image("policy/heatmap", png)
-    resolver = spec.get("resolver") or policy_resolver(spec, model, conf.budget.reference_groups, session.solvers)
+    resolver = spec.get("resolver") or policy_resolver(spec, model, conf.budget.reference_groups, session.solvers,
+                                                     session.model_id)
     lm = DopLMM.from_model(model, session.processor, policy=policy, method=base, resolver=resolver,
                            batch_size=session.batch_size, name=session.model_id,
                            latency_samples=conf.latency_samples)
@@ -268,7 +293,7 @@ def _evaluate_cell(session: Session, lm: DopLMM, spec: dict[str, Any], bench: Be
                      extra={"policy_path": spec["path"], "limit": conf.benchmark.limit, "tasks": list(bench.tasks),
                             "eval_signature": signature, "batch_size": session.batch_size,
                             "latency_samples": conf.latency_samples, **extra})
-        path = session.store.append(rec)
+        path = save_record(session, rec)
         session.summary.append({**cell, "metric": metric, "value": value, "tflops": measured["tflops"],
                                 "samples": samples, "record": str(path), "knob": extra.get("knob"),
                                 "paper_tflops": extra.get("paper_tflops"), "match": spec.get("mode"),
@@ -289,20 +314,36 @@ def _top_knob(flops: dict[str, Any]) -> Any:
     return value if len(knobs) == 1 else f"{label} (+{flops['distinct_knobs'] - 1} more)"
 
 
+def save_record(session: Session, rec: Record, attempts: int = 3) -> Path:
+    """Append to the store, retrying; when the store stays unwritable (full disk, lost mount), the
+    record goes beside the run instead, so the evaluation is never lost, and the failure is reported."""
+    for attempt in range(attempts):
+        try:
+            return session.store.append(rec)
+        except OSError as err:
+            error = err
+            time.sleep(0.5 * (attempt + 1))
+    path = session.run_dir / "unsaved_records" / f"{rec.benchmark}__{rec.method}__{len(session.summary)}.json"
+    atomic_write_json(path, rec.to_dict(), default=str)
+    session.failures.append(f"record {rec.benchmark}/{rec.metric} ({rec.method}) not stored in {session.store.root} "
+                            f"({error}); kept at {path}")
+    log.error("results store %s failed (%s): the record is kept at %s", session.store.root, error, path)
+    return path
+
+
 def _finish(session: Session) -> dict[str, Any]:
     session.run_dir.mkdir(parents=True, exist_ok=True)
     result = {"records": session.summary, "failures": session.failures}
     (session.run_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
     for s in session.summary:
         budget = "-" if s["budget_kind"] is None else f"{s['budget_kind']}={s['budget_value']:g}"
-        tf = "-" if s["tflops"] is None else f"{s['tflops']:.4g}"
         share = "" if s.get("mean_share") is None else f", {s['mean_share']:.3f} of dense"
         match = " (nominal)" if s.get("match") == "nominal" else ""
-        print(f"{s['benchmark']:>16} {s['method'] + match:>8} {budget:>12} {s['metric']:>22} = {s['value']:.4f} "
-              f"(n={s['samples']}, TFLOPs {tf}{share}" + (f", knob {s['knob']}" if s.get("knob") is not None else "")
-              + ")")
+        log.info("%s %s%s %s: %s = %.4f (n=%s, %s%s%s)", s["benchmark"], s["method"], match, budget, s["metric"],
+                 s["value"], s["samples"], session.flops(s["tflops"]), share,
+                 f", knob {s['knob']}" if s.get("knob") is not None else "")
     for f in session.failures:
-        print(f"FAILED {f}")
+        log.warning("not evaluated: %s", f)
     if session.failures and session.conf.fail_on_error:
         raise RuntimeError(f"{len(session.failures)} benchmark(s) or budget(s) failed (records of the others were "
                            "kept): " + "; ".join(session.failures))

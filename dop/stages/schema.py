@@ -23,10 +23,12 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dop.errors import DopError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(DopError, ValueError):
     """A configuration key or value that is not valid (the message names the full key)."""
 
 

@@ -19,10 +19,19 @@ from omegaconf import DictConfig
 
 from dop.budget import Budget
 from dop.evaluation.scoring import calibration_accuracy, calibration_answers
-from dop.flops import FlopsError, count_flops, equivalent_tokens
+from dop.flops import (
+    FlopsError,
+    count_flops,
+    equivalent_tokens,
+    flops_for_tokens,
+    flops_unit,
+    format_flops,
+    num_layers,
+)
 from dop.io import atomic_write_json
 from dop.models import resolve_device
-from dop.policy import DepthPolicy, Policy
+from dop.ops import OP_TYPES, VISION
+from dop.policy import DEFAULT_OUTPUT_GROUPS, DepthPolicy, Policy
 from dop.report import policy_heatmap
 from dop.search import (
     AccuracyFn,
@@ -58,11 +67,46 @@ def execute(conf: SearchStage, job: SweepJob | None = None, config: Any = None) 
         raise ConfigError("method.n_v is searched on the KL objective (its curve comes from the sweep); "
                           "set method.n_v=null with method.objective=accuracy")
     job = job or build_job(conf)
+    check_budgets(conf.budgets, job.text_config, job.flops_groups(), convention=conf.method.convention,
+                  model=conf.model.name)  # before any sweep point: hours on a 7B model
     if conf.method.objective == "accuracy":
         calibration_answers(job.calibration_samples)  # fail before any model work
     else:  # GSOP's objective needs no sweep (its KL breaks ties when a sweep is present)
         job.run(complete=True)
     return search(job, conf, config)
+
+
+def check_budgets(budgets: list[Budget], text_config: Any, groups: Mapping[str, float], *, convention: str = "dop",
+                  model: str = "the model", output_groups: tuple[str, ...] = DEFAULT_OUTPUT_GROUPS) -> None:
+    """Refuse a budget above the dense prefill or below the cheapest sensible policy (every operation
+    skipped from layer 0 except the answer position's group in layer 0: below it the decoder is
+    skipped outright), and a token budget above the visual tokens; warn about a TFLOPs budget that
+    is a small share of dense (one meant for another model?). ``ConfigError`` states the valid range."""
+    dense = count_flops(text_config, groups, convention=convention)
+    types = [t.value for t in OP_TYPES]
+    floor_policy = DepthPolicy({(t, g): (1 if g in output_groups else 0) for g in groups for t in types})
+    floor = count_flops(text_config, groups, floor_policy.expand(num_layers(text_config)), convention=convention)
+    unit = flops_unit([dense])
+
+    def show(x: float) -> str:
+        return f"{format_flops(x, unit, digits=3)} ({x / dense:.1%} of dense)"
+
+    valid = f"valid: {show(floor)} .. {format_flops(dense, unit, digits=3)}"
+    vision = groups.get(VISION)
+    for budget in budgets:
+        label = f"budget={budget.kind} budget.values=[{budget.value:g}]"
+        if budget.kind == "tokens" and vision is not None and budget.value > vision:
+            raise ConfigError(f"{label} keeps more visual tokens than {model}'s images have ({vision:g} on these "
+                              f"prompts); valid: 0..{vision:g}")
+        target = budget.to_flops(dense, lambda k: flops_for_tokens(text_config, groups, k, convention=convention))
+        if target > dense * (1 + 1e-9):
+            raise ConfigError(f"{label} is {format_flops(target, unit, digits=3)}, above {model}'s dense prefill; {valid}")
+        if target < floor:
+            raise ConfigError(f"{label} is {show(target)}, below the cheapest sensible policy (every operation "
+                              f"skipped from layer 0 but the answer position's group's in layer 0); {valid}")
+        if budget.kind == "tflops" and target < 0.1 * dense:
+            log.warning("%s is only %.2g%% of %s's dense prefill (%s): a budget meant for another model?", label,
+                        100 * target / dense, model, format_flops(dense, unit, digits=3))
 
 
 def search(job: SweepJob, conf: SearchStage, config: Any = None) -> dict[str, Any]:
@@ -183,9 +227,11 @@ def _write_policy(job: SweepJob, conf: SearchStage, name: str, policy: Policy, e
     path = Path(job.run_dir) / "policies" / f"{name}.yaml"
     policy.to_yaml(path)
     entry["policy"] = str(path)
-    log.info("budget %s: predicted KL %s, measured %s, %.3f of dense, depths %s%s", name,
-             entry["predicted_kl"], measured, entry["ratio"], entry["depths"],
+    log.info("budget %s: %.1f%% of dense FLOPs, KL predicted %.4f measured %s%s", name, 100 * entry["ratio"],
+             entry["predicted_kl"] if entry["predicted_kl"] is not None else float("nan"),
+             "-" if measured is None else f"{measured:.4f}",
              f", n_v {entry['n_v']} ({entry['reducer']})" if entry["n_v"] is not None else "")
+    log.debug("budget %s: depths %s", name, entry["depths"])
 
 
 def _equivalent_tokens(text_config: Any, groups: Mapping[str, float], flops: float, convention: str) -> float | None:

@@ -96,9 +96,9 @@ def calibration_samples(conf: SweepStage) -> list[dict[str, Any]]:
 def build_job(conf: SweepStage) -> SweepJob:
     """The sweep job of a sweep or search stage: model, calibration batches, store, trainer."""
     method = conf.method
+    samples = calibration_samples(conf)  # before the model: a bad data source fails in seconds
     model, processor = load_model(conf.model.pretrained, dtype=conf.model.dtype,
                                   attn_implementation=conf.model.attn_implementation)
-    samples = calibration_samples(conf)
     batches = calibration_batches(processor, samples, conf.sweep.batch_size, model=model,
                                   response_tokens=method.response_tokens)
     job = SweepJob(model, batches, model_id=conf.model.hf_id or conf.model.pretrained, run_dir=run_dir_of(conf),

@@ -194,8 +194,8 @@ class SweepJob:
             stats.update(layer_forwards=spent, naive_layer_forwards=naive,
                          reuse_ratio=spent / naive if naive else None,
                          dense_layer_forwards=self.reference.dense_layer_forwards)
-            log.info("sweep: %d points computed, %d present; layer forwards %.1f of naive %d (%.3f)",
-                     len(todo), stats["skipped"], spent, naive, stats["reuse_ratio"] or 0)
+            log.info("sweep: %d points computed, %d already present", len(todo), stats["skipped"])
+            log.debug("sweep: layer forwards %.1f of naive %d (%.3f)", spent, naive, stats["reuse_ratio"] or 0)
         shard_file = self.store.root / "shards" / f"{self.shard}_of_{self.num_shards}.json"
         if todo or not shard_file.exists():  # keep the compute record of the run that did the work
             atomic_write_json(shard_file, {"fingerprint": fp, **stats})

@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from dop.errors import DopError
 from dop.io import atomic_write_json
 from dop.policy import DEFAULT_OUTPUT_GROUPS, DepthPolicy, Policy
 from dop.space import Pair, SpaceError, grid_depths, interpolate_curve, pair_key, parse_pair
 
 
-class SweepError(ValueError):
+class SweepError(DopError, ValueError):
     """A sweep store is inconsistent, corrupt, or a sweep cannot run as configured."""
 
 @dataclass(frozen=True, order=True)
@@ -49,7 +50,8 @@ class SweepPoint:
     def policy(self, num_layers: int, output_groups: Iterable[str] = DEFAULT_OUTPUT_GROUPS) -> Policy:
         return DepthPolicy({self.pair: self.depth}).expand(num_layers, output_groups=output_groups)
 
-NV_PREFIX = "n_v_"  # store folder of a front-end curve: n_v_<reducer>
+NV_PREFIX = "n_v_"
+NEGATIVE_KL_TOL = 1e-5  # store folder of a front-end curve: n_v_<reducer>
 
 @dataclass(frozen=True, order=True)
 class NvPoint:
@@ -185,6 +187,8 @@ def _read_point(path: Path, fingerprint: str | None) -> dict:
         kl = float(doc["kl"])
         if not math.isfinite(kl):
             raise ValueError(f"kl is {kl}")
+        if kl < -NEGATIVE_KL_TOL:  # a KL divergence is >= 0; float noise of a few 1e-7 is not an error
+            raise ValueError(f"kl is {kl}, a KL divergence cannot be negative")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SweepError(
             f"corrupt sweep point file {path}: {exc}; delete this file to recompute the point "

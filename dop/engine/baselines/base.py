@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from dop.engine.core import prune
+from dop.errors import DopError
 from dop.flops import count_flops, text_shape
 from dop.ops import VISION
 
 
-class MethodError(ValueError):
+class MethodError(DopError, ValueError):
     """A method cannot run on this model or at this budget; the message says why."""
 
 
