@@ -136,17 +136,62 @@ def default_policies(num_layers: int) -> dict[str, Policy | None]:
     }
 
 
-def _time(fn, repeats: int, warmup: int) -> float:
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _time(fn, repeats: int, warmup: int, clock: str = "wall") -> float:
+    now = CLOCKS[clock]
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return statistics.median(times) if times else 0.0
+
+
+def _policy_call(model, inputs: dict, policy: Policy | None):
+    def go():
+        with torch.inference_mode():
+            if policy is None:
+                model(**inputs, logits_to_keep=1)
+            else:
+                with prune(model, policy):
+                    model(**inputs, logits_to_keep=1)
+    return go
+
+
+def _method_call(model, inputs: dict, method: Any, knob: Any):
+    question = {"instruction": [BENCH_QUESTION]} if getattr(method, "needs_text", False) else {}
+
+    def go():  # the method's input reduction (text encoding included) is part of its prefill cost
+        with torch.inference_mode():
+            prepared = method.reduce_inputs(model, {**inputs, **question}, knob)
+            with method.apply(model, knob):
+                model(**prepared, logits_to_keep=1)
+    return go
+
+
+def _interleaved(calls: Mapping[str, Any], warm: set[str], repeats: int, warmup: int, clock: str
+                 ) -> dict[str, float]:
+    """Median latency per call over ``repeats`` interleaved rounds (so drift hits all alike)."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for name in warm:  # warm-up each policy path once (methods were warmed when they were checked)
+        _time(calls[name], repeats=0, warmup=warmup)
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            samples[name].append(_time(fn, repeats=1, warmup=0, clock=clock))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _row(name: str, flops: float, dense_flops: float, latency: float, base: float | None,
+         knob: Any = None) -> BenchRow:
+    f_red = 1 - flops / dense_flops
+    l_red = 1 - latency / base if base else float("nan")
+    return BenchRow(name, flops, f_red, latency, l_red, l_red / f_red if f_red > 0 else float("nan"), knob=knob)
 
 
 def run_bench(
@@ -158,39 +203,20 @@ def run_bench(
     warmup: int = 1,
     methods: Mapping[str, tuple[Any, Any]] | None = None,
     skipped: dict[str, str] | None = None,
+    clock: str = "wall",
     **slice_kwargs,
 ) -> list[BenchRow]:
     """Time every policy and every baseline ``methods[name] = (Method, knob)`` (interleaved rounds,
     so drift hits all alike) and compare with FLOPs. A method that fails its warm-up is left out
-    and its error goes to ``skipped`` (when given)."""
+    and its error goes to ``skipped`` (when given). ``clock``: ``wall`` or ``process`` (CPU time of this
+    process: other jobs' time slices on a shared machine are not counted)."""
     if model is None:
         model, inputs, groups = build_slice(**slice_kwargs)
     text_config = flops_text_config(model)
     policies = policies if policies is not None else default_policies(num_layers(model))
-
-    def call(policy):
-        def go():
-            with torch.inference_mode():
-                if policy is None:
-                    model(**inputs, logits_to_keep=1)
-                else:
-                    with prune(model, policy):
-                        model(**inputs, logits_to_keep=1)
-        return go
-
-    def call_method(method, knob):
-        question = {"instruction": [BENCH_QUESTION]} if getattr(method, "needs_text", False) else {}
-
-        def go():  # the method's input reduction (text encoding included) is part of its prefill cost
-            with torch.inference_mode():
-                prepared = method.reduce_inputs(model, {**inputs, **question}, knob)
-                with method.apply(model, knob):
-                    model(**prepared, logits_to_keep=1)
-        return go
-
-    calls = {name: call(policy) for name, policy in policies.items()}
+    calls = {name: _policy_call(model, inputs, policy) for name, policy in policies.items()}
     for name, (method, knob) in (methods or {}).items():
-        fn = call_method(method, knob)
+        fn = _method_call(model, inputs, method, knob)
         try:
             _time(fn, repeats=0, warmup=1)
         except Exception as err:  # one method's failure must not lose the others' timings
@@ -199,32 +225,13 @@ def run_bench(
                 skipped[name] = f"{type(err).__name__}: {err}"
             continue
         calls[name] = fn
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for name, fn in calls.items():  # warm-up each path once
-        if name in policies:
-            _time(fn, repeats=0, warmup=warmup)
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            samples[name].append(_time(fn, repeats=1, warmup=0))
+    latency = _interleaved(calls, set(policies), repeats, warmup, clock)
     dense_flops = count_flops(text_config, groups=groups, policy=Policy(), convention="dop")
-    base = statistics.median(samples["stock"]) if "stock" in samples else None
-    rows = []
-    for name, policy in policies.items():
-        flops = count_flops(text_config, groups=groups, policy=policy or Policy(), convention="dop")
-        latency = statistics.median(samples[name])
-        f_red = 1 - flops / dense_flops
-        l_red = 1 - latency / base if base else float("nan")
-        rows.append(BenchRow(name, flops, f_red, latency, l_red, l_red / f_red if f_red > 0 else float("nan")))
-    if methods:
-        for name, (method, knob) in methods.items():
-            if name not in samples:
-                continue
-            flops = method_flops(method, text_config, groups, knob)
-            latency = statistics.median(samples[name])
-            f_red = 1 - flops / dense_flops
-            l_red = 1 - latency / base if base else float("nan")
-            rows.append(BenchRow(name, flops, f_red, latency, l_red,
-                                 l_red / f_red if f_red > 0 else float("nan"), knob=knob))
+    base = latency.get("stock")
+    rows = [_row(name, count_flops(text_config, groups=groups, policy=policy or Policy(), convention="dop"),
+                 dense_flops, latency[name], base) for name, policy in policies.items()]
+    rows += [_row(name, method_flops(method, text_config, groups, knob), dense_flops, latency[name], base, knob)
+             for name, (method, knob) in (methods or {}).items() if name in latency]
     return rows
 
 

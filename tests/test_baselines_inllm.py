@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,6 +77,10 @@ class FakeCtx:
         self.asked = query_index
         return self.probs
 
+    def watch_attention(self, query_index=None, keys=False):  # the crafted row, as if the layer had run
+        self.asked = query_index
+        return SimpleNamespace(probs=self.probs, keys=None)
+
     def drop(self, rows, from_layer=None):
         self.drops.append((self.layer_idx if from_layer is None else from_layer, rows))
 
@@ -99,9 +104,12 @@ def test_fastv_keeps_the_rows_the_last_token_attends_most():
     probs[1, 0, 0, [2, 7, 5]] = torch.tensor([0.5, 0.4, 0.3])
     from dop.engine.baselines.fastv import _FastVSelector
 
+    selector = _FastVSelector(K=2, keep=2)
     ctx = FakeCtx(1, groups, probs)
-    _FastVSelector(K=2, keep=2).before_layer(ctx)
-    assert ctx.asked.tolist() == [[9], [9]]  # the last row of each sample
+    selector.before_layer(ctx)  # layer K-1: watches its attention, drops nothing yet
+    assert ctx.asked.tolist() == [[9], [9]] and ctx.drops == []  # the last row of each sample
+    ctx = FakeCtx(2, groups)
+    selector.before_layer(ctx)
     (start, dropped), = ctx.drops
     assert start == 2
     kept = groups["vision"] & ~dropped
@@ -384,3 +392,29 @@ def test_bad_knobs_and_depths():
         get_method("vtw").selectors(model, 5)
     with pytest.raises(MethodError, match="do not fit"):
         get_method("pdrop", layer_list=[30, 31, 32]).schedule(PROMPT, 32, None)
+
+
+@pytest.mark.parametrize("name", sorted(KNOBS))
+def test_keys_are_projected_once_per_kept_row(name):
+    """Scoring reuses the keys a layer computes: the decoder's k_proj sees exactly the kept kv rows of
+    the FLOPs schedule (PyramidDrop, which scores a layer's rows before that layer drops them, adds
+    the keys of the rows each stage drops), so no layer's keys are projected twice."""
+    model, make_inputs = tiny("llava", "sdpa")
+    inputs = make_inputs(1, seed=3)
+    method, knob = case(name, "llava")
+    rows = []
+    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[1]))
+             for layer in get_adapter(model).decoder_layers()]
+    try:
+        with torch.no_grad(), method.apply(model, knob):
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups = {g: int(m.sum()) for g, m in
+              get_adapter(model).token_groups(inputs["input_ids"], inputs["attention_mask"]).items()}
+    schedule = method.schedule(groups, 4, knob)
+    expected = sum(sum(layer.values()) for layer in schedule)
+    if name == "pdrop":
+        expected += sum(schedule[s - 1]["vision"] - schedule[s]["vision"] for s, _ in method.stages(4, knob))
+    assert sum(rows) == expected

@@ -21,7 +21,7 @@ from dop.engine.baselines.cdpruner import dpp_greedy
 from dop.engine.baselines.divprune import divprune_select
 from dop.engine.baselines.fastervlm import fastervlm_select
 from dop.engine.baselines.prumerge import prumerge_select, prumerge_tokens
-from dop.engine.baselines.reducer import iqr_outliers, shorten_prompt
+from dop.engine.baselines.reducer import iqr_outliers, shorten_prompt, tower_layers
 from dop.engine.baselines.trim import trim_tokens
 from dop.engine.baselines.visionzip import split_budget, visionzip_tokens
 from dop.engine.baselines.vispruner import vispruner_select
@@ -94,6 +94,34 @@ def test_divprune_keeps_one_per_duplicate_set():
     assert sorted({groups[i] for i in kept}) == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("name", ["fastervlm", "visionzip", "prumerge_plus", "vispruner"])
+def test_the_tower_projects_keys_once(llava, name):
+    """[CLS] attention and keys come from the tower's own k_proj (only the [CLS] query is projected again)."""
+    model, make = llava
+    m = method(name)
+    calls = {}
+    hooks = [layer.self_attn.k_proj.register_forward_hook(
+        lambda mod, a, out, i=i: calls.setdefault(i, []).append(a[0].shape[1])) for i, layer in
+        enumerate(tower_layers(model))]
+    try:
+        with torch.no_grad(), m.apply(model, 4):
+            model(**m.reduce_inputs(model, make(batch=2, seed=1), 4))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(c == [17] for c in calls.values())  # each layer once, on [CLS] + 16 patches: the tower's own call
+
+
+def test_batched_selections_equal_one_image_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 20, 8, generator=g)
+    rel = torch.rand(3, 20, generator=g)
+    assert torch.equal(divprune_select(tokens, 7), torch.cat([divprune_select(t[None], 7) for t in tokens]))
+    xn = torch.nn.functional.normalize(tokens, dim=-1)
+    kernels = rel[:, :, None] * (xn @ xn.transpose(1, 2)) * rel[:, None, :]
+    assert torch.equal(dpp_greedy(kernels, 6), torch.stack([dpp_greedy(kk, 6) for kk in kernels]))
+
+
 def test_dpp_never_picks_two_identical_tokens():
     g = torch.Generator().manual_seed(1)
     x = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
@@ -159,6 +187,46 @@ def test_shorten_prompt_keeps_padding_side():
     assert new.tolist() == [[5, 4, 7, 0], [5, 6, 4, 7]] and m.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
 
 
+def _shorten_one_by_one(ids, mask, image_token, per_image, k, right):
+    """The per-token reference: keep non-image tokens and the first k of each run of per_image."""
+    rows = []
+    for b in range(ids.shape[0]):
+        kept, run = [], 0
+        for t in ids[b][mask[b].bool()].tolist():
+            if t == image_token:
+                if run % per_image < k:
+                    kept.append(t)
+                run += 1
+            else:
+                kept.append(t)
+        rows.append(kept)
+    L = max(len(r) for r in rows)
+    pad = [[0] * (L - len(r)) for r in rows]
+    new = [r + p if right else p + r for r, p in zip(rows, pad, strict=True)]
+    m = [[1] * len(r) + [0] * len(p) if right else [0] * len(p) + [1] * len(r) for r, p in zip(rows, pad, strict=True)]
+    return new, m
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_shorten_prompt_equals_the_per_token_rule(right):
+    g = torch.Generator().manual_seed(int(right))
+    for trial in range(20):
+        B, per_image, k = 3, 4, trial % 5
+        samples = []
+        for _ in range(B):  # text, then 1-2 images, then text, random lengths
+            images = int(torch.randint(1, 3, (1,), generator=g))
+            text = torch.randint(5, 9, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+            tail = torch.randint(5, 9, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist()
+            samples.append(text + [4] * (per_image * images) + tail)
+        T = max(len(x) for x in samples)
+        ids = torch.tensor([x + [0] * (T - len(x)) if right else [0] * (T - len(x)) + x for x in samples])
+        mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) if right else [0] * (T - len(x)) + [1] * len(x)
+                             for x in samples])
+        new, m = shorten_prompt(ids, mask, 4, per_image, k)
+        ref_ids, ref_mask = _shorten_one_by_one(ids, mask, 4, per_image, k, right and bool((mask[:, -1] == 0).any()))
+        assert new.tolist() == ref_ids and m.tolist() == ref_mask
+
+
 # --------------------------------------------------------------------------------------------
 # The model runs on the shorter prompt
 # --------------------------------------------------------------------------------------------
@@ -195,7 +263,29 @@ def test_logits_equal_hand_shortened_prompt(llava, clip_tower, name):
         ref = _manual_logits(model, inp, k, seen[0])
     assert seen[0].shape == (1, k, model.config.text_config.hidden_size)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert not model.model.multi_modal_projector._forward_hooks  # removed on exit
+    projector = model.model.multi_modal_projector
+    assert not projector._forward_hooks and not projector._forward_pre_hooks  # removed on exit
+
+
+# methods whose selection reads every projected token; the others project only what reaches the LLM
+READS_PROJECTED = {"divprune", "cdpruner"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_projector_runs_once_on_what_the_method_needs(llava, clip_tower, name):
+    model, make = llava
+    k, n_img = 5, 2
+    m = method(name, clip_tower)
+    rows = []
+    handle = model.model.multi_modal_projector.register_forward_hook(lambda mod, a, out: rows.append(a[0].shape[1]))
+    try:
+        with torch.no_grad(), m.apply(model, k):
+            model(**m.reduce_inputs(model, batch_inputs(make, n_img, 2, name), k))
+    finally:
+        handle.remove()
+    # the model's own call gets no rows (its output is replaced); the method's one call: all 16 patches
+    # when its selection reads them (then gathered), else its k kept or merged tokens
+    assert sorted(rows) == [0, 16 if name in READS_PROJECTED else k]
 
 
 def test_fastervlm_matches_eager_attention_and_stock_projection(llava):

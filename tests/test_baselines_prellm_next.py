@@ -28,7 +28,7 @@ from dop.budget import Budget
 from dop.engine import prune
 from dop.engine.baselines import MethodError, get_method
 from dop.engine.baselines.budget import match_budget
-from dop.engine.baselines.reducer import _tower_layers, feature_layer_index
+from dop.engine.baselines.reducer import feature_layer_index, tower_layers
 from dop.engine.baselines.vision_access_next import crop_quotas, packing_map
 from dop.flops import flops_for_tokens
 
@@ -96,7 +96,7 @@ def test_forward_and_generate_keep_k_rows_per_image(built, next_model, name):
     assert gen[:, x["input_ids"].shape[1]].tolist() == last.tolist()
     assert "pack_image_features" not in model.model.__dict__
     assert not model.model._forward_pre_hooks and not model.model.multi_modal_projector._forward_pre_hooks
-    layer = _tower_layers(model)[feature_layer_index(model)]
+    layer = tower_layers(model)[feature_layer_index(model)]
     assert not layer.self_attn._forward_pre_hooks
     assert "forward" not in model.model.language_model.layers[0].__dict__
 

@@ -224,6 +224,23 @@ def test_score_is_the_blocks_own_attention(qwen):
     torch.testing.assert_close(res.pooler_output[group_order(model, inp["image_grid_thw"])], merged)
 
 
+@pytest.mark.parametrize("name", ["fastervlm", "visionzip"])
+def test_the_score_block_projects_qkv_once(qwen, name):
+    """The score is read from the block's own qkv projection, not projected a second time."""
+    model = qwen
+    qkv = model.model.visual.blocks[score_block_index(model)].attn.qkv
+    calls = []
+    handle = qkv.register_forward_hook(lambda mod, a, out: calls.append(a[0].shape[0]))
+    m = get_method(name)
+    inp = make_inputs(2, 1)
+    try:
+        with torch.no_grad(), m.apply(model, 3):
+            model(**m.reduce_inputs(model, inp, 3))
+    finally:
+        handle.remove()
+    assert calls == [int(inp["image_grid_thw"].prod(-1).sum())]  # one call: the tower's, over every patch
+
+
 # --------------------------------------------------------------------------------------------
 # Budget, refusals
 # --------------------------------------------------------------------------------------------

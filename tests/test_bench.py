@@ -1,6 +1,9 @@
 """The benchmark's plumbing on a tiny slice (no timing assertions: timing lives in benchmarks)."""
 
-from dop.bench import build_slice, default_policies, format_rows, run_bench
+
+import time
+
+from dop.bench import _time, build_slice, default_policies, format_rows, run_bench
 from dop.engine import prune
 
 
@@ -22,3 +25,10 @@ def test_slice_groups_match_the_adapter():
     with prune(model, default_policies(1)["vision_from_0"]) as pruner:
         model(**inputs, logits_to_keep=1)
     assert pruner.kept_rows[0]["q"] == [groups["system"] + groups["instruction"]]
+
+
+def test_process_clock_leaves_out_time_the_process_does_not_run():
+    """bench.clock=process times this process's CPU only: a sleep (time given to other jobs) is ~0."""
+    nap = lambda: time.sleep(0.2)  # noqa: E731
+    assert _time(nap, repeats=1, warmup=0, clock="wall") >= 0.2
+    assert _time(nap, repeats=1, warmup=0, clock="process") < 0.05

@@ -254,3 +254,131 @@ def test_attention_probs_equal_eager_weights():
     for layer, probs in seen.items():
         expected = stock[layer][:, :, -2:].flip(2) * valid[:, None, None, :]
         torch.testing.assert_close(probs, expected, atol=1e-5, rtol=0)
+
+
+def _last_rows(B: int, T: int) -> torch.Tensor:
+    return torch.tensor([[T - 1, T - 2]] * B)
+
+
+class _DropThenScore:
+    """Drops vision rows ``drop_rows`` from layer 1, then at every layer scores the last two rows:
+    ``mode="watch"`` while the layer runs (``watch_attention``), ``"now"`` before (``attention_probs``)."""
+
+    def __init__(self, mode: str, drop_rows: torch.Tensor):
+        self.mode, self.drop_rows, self.seen = mode, drop_rows, {}
+
+    def before_layer(self, ctx):
+        if ctx.layer_idx == 1:
+            ctx.drop(self.drop_rows)
+        B, T = ctx.valid.shape
+        if self.mode == "watch":
+            self.seen[ctx.layer_idx] = ctx.watch_attention(_last_rows(B, T), keys=True)
+        else:
+            self.seen[ctx.layer_idx] = ctx.attention_probs(_last_rows(B, T))
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_watched_attention_equals_attention_computed_before_the_layer(family, attn):
+    """The probe filled from a layer's own keys (dense layer 0: the model's own forward; pruned layers
+    1-3: the engine's) equals the attention recomputed before the layer, and its keys are the layer's."""
+    model, make_inputs = BUILDERS[family](attn=attn)
+    inputs = make_inputs(3, seed=2)
+    vision = get_adapter(model).token_groups(inputs["input_ids"], inputs["attention_mask"])["vision"]
+    drop_rows = vision & (torch.rand(vision.shape, generator=torch.Generator().manual_seed(0)) < 0.5)
+    watch, now = _DropThenScore("watch", drop_rows), _DropThenScore("now", drop_rows)
+    with torch.no_grad():
+        with prune(model, selectors=[watch]):
+            watched = model(**inputs).logits
+        with prune(model, selectors=[now]):
+            computed = model(**inputs).logits
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[0]  # layer 0's input
+    torch.testing.assert_close(watched, computed, atol=1e-5, rtol=0)
+    assert sorted(watch.seen) == sorted(now.seen) == [0, 1, 2, 3]
+    for layer in range(4):
+        torch.testing.assert_close(watch.seen[layer].probs, now.seen[layer], atol=1e-6, rtol=0)
+    kept = ~drop_rows & inputs["attention_mask"].bool()
+    assert (watch.seen[2].probs.sum(-1) - 1).abs().max() < 1e-5 and (watch.seen[2].probs[..., ~kept[0]][0] == 0).all()
+    # layer 0's keys: its k_proj on its normed input, RoPE at each row's position
+    layer0 = get_adapter(model).decoder_layers()[0]
+    attn_mod = layer0.self_attn
+    B, T, _ = hidden.shape
+    k = attn_mod.k_proj(layer0.input_layernorm(hidden)).view(B, T, -1, attn_mod.head_dim)
+    valid = inputs["attention_mask"].bool()
+    keys = watch.seen[0].keys.view(B, T, -1, attn_mod.head_dim)
+    # RoPE rotates each head's key (its norm stays); rows of padding are not compared
+    torch.testing.assert_close(keys.norm(dim=-1)[valid], k.norm(dim=-1)[valid], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(keys[valid], k[valid])  # rotated
+
+
+@pytest.mark.parametrize("attn", ATTNS)
+def test_a_layer_scoring_its_own_rows_reuses_its_keys_exactly(attn):
+    """PyramidDrop's pattern: at layer 2, the last row's attention (keys projected on the rows still
+    present) picks the rows layer 2 itself drops; the layer gathers its keys from that projection.
+    Equal to the reference with those rows removed from layer 2 on, and generation stays exact."""
+    model, make_inputs = BUILDERS["llava"](attn=attn)
+    adapter = get_adapter(model)
+    inputs = make_inputs(3, seed=9)
+    vision = adapter.token_groups(inputs["input_ids"], inputs["attention_mask"])["vision"]
+    first = vision & (torch.arange(vision.shape[1]) % 3 == 0)  # dropped from layer 1: layer 2 keeps a subset
+
+    class ScoreOwnLayer:
+        def __init__(self):
+            self.dropped = None
+
+        def before_layer(self, ctx):
+            if ctx.layer_idx == 1:
+                ctx.drop(first)
+            if ctx.layer_idx != 2:
+                return
+            B, T = ctx.valid.shape
+            score = ctx.attention_probs(torch.full((B, 1), T - 1)).mean(1)[:, 0]
+            allowed = vision & ctx.keep("kv")
+            top = score.masked_fill(~allowed, float("-inf")).topk(3, dim=1).indices
+            self.dropped = allowed & ~torch.zeros_like(allowed).scatter(1, top, True)
+            ctx.drop(self.dropped)
+
+    selector = ScoreOwnLayer()
+    with torch.no_grad(), prune(model, selectors=[selector]) as pruner:
+        ours = model(**inputs).logits
+    assert pruner.kept_rows[2]["kv"] == (inputs["attention_mask"].sum(1) - vision.sum(1) + 3).tolist()
+    valid = inputs["attention_mask"].bool()
+    groups = {"first": first, "dropped": selector.dropped}
+    policy = Policy([Operation(layer, "first", t) for layer in (1, 2, 3) for t in ("q", "kv", "mlp")]
+                    + [Operation(layer, "dropped", t) for layer in (2, 3) for t in ("q", "kv", "mlp")])
+    with torch.no_grad(), reference_prune(model, adapter.decoder_layers(), policy, groups, valid):
+        ref = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(ours[valid], ref[valid], atol=1e-5, rtol=0)
+    with torch.no_grad(), prune(model, selectors=[ScoreOwnLayer()]):
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        step_by_step = [model(**inputs).logits[:, -1].argmax(-1)]
+    assert torch.equal(gen[:, inputs["input_ids"].shape[1]], step_by_step[0])
+
+
+def test_keys_computed_before_a_replace_are_not_reused():
+    """attention_probs then replace(): the layer must project keys on the replaced input."""
+    model, make_inputs = BUILDERS["llava"](attn="sdpa")
+    inputs = make_inputs(2, seed=3)
+    vision = get_adapter(model).token_groups(inputs["input_ids"], inputs["attention_mask"])["vision"]
+    T = vision.shape[1]
+    value = torch.randn(2, T, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(4))
+    rows = vision & (torch.arange(T) % 2 == 0)
+
+    def selector(score_first: bool):
+        class Edit:
+            def before_layer(self, ctx):
+                if ctx.layer_idx != 2:
+                    return
+                if score_first:
+                    ctx.attention_probs(torch.full((2, 1), T - 1))
+                ctx.drop(vision & ~rows)
+                ctx.replace(rows, value)
+        return Edit()
+
+    with torch.no_grad():
+        with prune(model, selectors=[selector(True)]):
+            scored = model(**inputs).logits
+        with prune(model, selectors=[selector(False)]):
+            plain = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(scored[valid], plain[valid], atol=1e-6, rtol=0)

@@ -170,7 +170,7 @@ def run_family(build: Callable) -> None:
         match = match_budget(method, model.config, groups, budget)
         start = time.perf_counter()  # a pre-LLM method's selection is part of its prefill
         with torch.inference_mode():
-            prepared = dict(method.prepare_inputs(model, inputs, match.knob))
+            prepared = dict(method.reduce_inputs(model, inputs, match.knob))
         before_s = time.perf_counter() - start
         with method.apply(model, match.knob):
             new, logits, out, steps = generate(model, prepared, specials)

@@ -65,19 +65,19 @@ class _Rows:
         return self.idx.shape[1]
 
     @classmethod
-    def from_mask(cls, keep: torch.Tensor) -> _Rows:
+    def from_mask(cls, keep: torch.Tensor, counts: list[int] | None = None) -> _Rows:
+        """Rows of a (B, T) mask; ``counts`` (kept rows per sample), when the caller has them, saves the
+        host sync that the gather size (their max) otherwise needs."""
         B, T = keep.shape
-        if bool(keep.all()):
+        if counts is None:
+            counts = keep.sum(dim=1).tolist()  # the gather size is data dependent: one host sync
+        if all(c == T for c in counts):
             idx = torch.arange(T, device=keep.device).expand(B, T)
             return cls(idx, torch.ones_like(keep), True)
         pos = torch.arange(T, device=keep.device).expand(B, T)
         idx = torch.where(keep, pos, torch.full_like(pos, T)).sort(dim=1).values
-        m = int(keep.sum(dim=1).max())
-        idx = idx[:, :m]
+        idx = idx[:, : max(counts, default=0)]
         return cls(idx, idx < T, False)
-
-    def same_as(self, other: _Rows) -> bool:
-        return self.idx.shape == other.idx.shape and bool(torch.equal(self.idx, other.idx))
 
 
 @dataclass
@@ -86,6 +86,35 @@ class _LayerPlan:
     kv: _Rows
     mlp: _Rows
     dense: bool  # every valid row kept for every type: run the layer's own forward
+    q_is_kv: bool = False  # the same rows for q and kv (share their norm and RoPE rows)
+    kv_pruned: bool = False  # some sample keeps fewer than T kv rows (its cache is shorter)
+
+
+@dataclass
+class LayerProbe:
+    """What a selector asked to see of one layer's own attention (``LayerContext.watch_attention``).
+
+    Filled while that layer runs, from the keys the layer computes anyway (no second key projection):
+    ``probs`` (B, heads, Q, T), the softmax attention of the ``query_index`` (B, Q) rows over the rows
+    kept as keys at that layer (causal, 0 at the other columns); with ``want_keys``, ``keys`` (B, T,
+    kv_heads * head_dim), the layer's keys with RoPE (meaningful at the rows it keeps as keys). Read
+    it at a later layer's ``before_layer``."""
+
+    query_index: torch.Tensor | None
+    want_keys: bool = False
+    probs: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+
+
+@dataclass
+class _LayerKeys:
+    """Keys of one layer's kept kv rows, computed for a selector's ``attention_probs`` before the
+    layer runs; the layer gathers its own (a subset) from them instead of projecting again."""
+
+    rows: _Rows
+    h: torch.Tensor  # (B, M, D) normed input at the rows
+    k: torch.Tensor  # (B, kv_heads, M, head_dim) with RoPE
+    hidden: torch.Tensor  # the layer input they were computed on (a replace() makes them stale)
 
 
 @dataclass
@@ -100,6 +129,8 @@ class _CallState:
     plans: dict[int, _LayerPlan] = field(default_factory=dict)
     # token-level selections: (from_layer, rows (B, T) bool, op types) registered by selectors
     drops: list[tuple[int, torch.Tensor, tuple[OpType, ...]]] = field(default_factory=list)
+    probes: dict[int, list[LayerProbe]] = field(default_factory=dict)  # layer -> what selectors watch
+    keys: dict[int, _LayerKeys] = field(default_factory=dict)  # layer -> keys a selector computed
 
 
 @dataclass
@@ -244,14 +275,21 @@ class Pruner:
         if plan is not None:
             return plan
         keep = self.keep_masks(layer_idx, call)
-        dense = all(bool(torch.equal(m, call.valid)) for m in keep.values())
-        rows = {t: _Rows.from_mask(m) for t, m in keep.items()}
-        plan = _LayerPlan(rows[OpType.Q], rows[OpType.KV], rows[OpType.MLP], dense)
+        q, kv, mlp = keep[OpType.Q], keep[OpType.KV], keep[OpType.MLP]
+        # The one host sync of a layer plan: the gather sizes (and whether the layer is dense) depend
+        # on the data. Every mask is a subset of the valid rows, so equal counts mean equal masks.
+        valid_n, q_n, kv_n, mlp_n, q_vs_kv = torch.stack(
+            [call.valid.sum(1), q.sum(1), kv.sum(1), mlp.sum(1), (q != kv).sum(1)]).tolist()
+        T = call.valid.shape[1]
+        kv_rows = _Rows.from_mask(kv, kv_n)
+        q_is_kv = not any(q_vs_kv)
+        plan = _LayerPlan(kv_rows if q_is_kv else _Rows.from_mask(q, q_n), kv_rows, _Rows.from_mask(mlp, mlp_n),
+                          dense=q_n == valid_n and kv_n == valid_n and mlp_n == valid_n, q_is_kv=q_is_kv,
+                          kv_pruned=any(c < T for c in kv_n))
         call.plans[layer_idx] = plan
-        self.kept_rows[layer_idx] = {t.value: m.sum(dim=1).tolist() for t, m in keep.items()}
+        self.kept_rows[layer_idx] = {OpType.Q.value: q_n, OpType.KV.value: kv_n, OpType.MLP.value: mlp_n}
         self.kept_masks[layer_idx] = {t.value: m for t, m in keep.items()}
         return plan
-
 
     def keep_masks(self, layer_idx: int, call: _CallState) -> dict[OpType, torch.Tensor]:
         """(B, T) kept rows per op type at a layer: the policy's groups, then selectors' drops."""
@@ -275,8 +313,10 @@ class LayerContext:
     ``hidden`` is the layer's input (B, T, D); ``groups`` the adapter's group masks; ``keep(type)``
     the rows kept at this layer so far. ``drop(rows, from_layer)`` removes rows (per sample) from
     ``from_layer`` on; ``replace(rows, values)`` overwrites kept rows of the layer's input (a merging
-    method's recycled tokens); ``attention_probs`` recomputes attention rows from q/k, so selectors
-    work with any attention backend.
+    method's recycled tokens). Attention for scoring, with any attention backend:
+    ``watch_attention`` hands over this layer's attention rows (and keys) as the layer itself computes
+    them, for a decision at a later layer; ``attention_probs`` computes them now, before the layer
+    runs (for a decision at this layer), and the layer then reuses those keys.
     """
 
     def __init__(self, pruner: Pruner, layer_idx: int, layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
@@ -317,33 +357,94 @@ class LayerContext:
         if values.shape != self.hidden.shape:
             raise EngineError(f"replace values must have the hidden shape {tuple(self.hidden.shape)}")
         kept = self.keep(OpType.Q) & self.keep(OpType.KV) & self.keep(OpType.MLP)
-        if bool((rows & ~kept).any()):
+        if bool((rows & ~kept).any()):  # a host sync, kept: a wrong replace would corrupt rows silently
             raise EngineError(f"layer {self.layer_idx}: replace() touches rows that this layer does not keep")
         self.hidden = torch.where(rows.unsqueeze(-1), values.to(self.hidden.dtype), self.hidden)
+
+    def watch_attention(self, query_index: torch.Tensor | None = None, keys: bool = False) -> LayerProbe:
+        """This layer's softmax attention of the rows ``query_index`` (B, Q) (and with ``keys`` its keys),
+        as the layer computes them: the returned probe is filled once the layer has run (read it at a
+        later layer's ``before_layer``). Costs the query rows' q projection, no second key projection."""
+        if query_index is None and not keys:
+            raise EngineError("watch_attention needs query rows, keys=True, or both")
+        probe = LayerProbe(None if query_index is None else query_index.to(self._call.valid.device), keys)
+        self._call.probes.setdefault(self.layer_idx, []).append(probe)
+        return probe
 
     def attention_probs(self, query_index: torch.Tensor, layer: nn.Module | None = None,
                         hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax attention (B, heads, Q, T) of the rows ``query_index`` (B, Q) over the rows kept as
-        keys at this layer (causal), recomputed with ``layer``'s q/k projections (default: this
-        layer) on ``hidden`` (default: this layer's input). Columns of dropped rows are 0."""
+        keys at this layer (causal), computed now with ``layer``'s q/k projections (default: this
+        layer) on ``hidden`` (default: this layer's input). Columns of dropped rows are 0. Keys are
+        projected for the kept rows only; with the defaults the layer reuses them for its own keys."""
+        own = layer is None and hidden is None
         layer = self.layer if layer is None else layer
         hidden = self.hidden if hidden is None else hidden
-        attn = layer.self_attn
-        module = sys.modules[type(attn).__module__]
-        B, T, _ = hidden.shape
-        h = layer.input_layernorm(hidden)
-        cos, sin = (t.expand(B, -1, -1) for t in self.position_embeddings)
-        k = _rotate(module, _project(attn, h, "k_proj", "k_norm"), cos, sin)
-        qi = query_index.unsqueeze(-1).expand(-1, -1, h.shape[-1])
-        ci = query_index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
-        q = _rotate(module, _project(attn, h.gather(1, qi), "q_proj", "q_norm"), cos.gather(1, ci), sin.gather(1, ci))
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-        scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
-        pos = torch.arange(T, device=hidden.device)
-        allowed = self.keep(OpType.KV)[:, None, :] & (pos[None, None, :] <= query_index[:, :, None])
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        keys = self._call.keys.get(self.layer_idx) if own else None
+        if keys is None or keys.hidden is not hidden:
+            keys = _project_keys(layer, hidden, _Rows.from_mask(self.keep(OpType.KV)), self.position_embeddings)
+            if own:
+                self._call.keys[self.layer_idx] = keys
+        q_hidden = (_gather_rows(keys.h, query_index) if keys.rows.full  # keys.h is the whole normed input
+                    else layer.input_layernorm(_gather_rows(hidden, query_index)))
+        return _attention_rows(layer, q_hidden, query_index, keys.k, keys.rows, hidden.shape[1],
+                               self.position_embeddings)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, Q, D) rows ``index`` (B, Q) of ``x`` (B, T, D)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _project_keys(layer: nn.Module, hidden: torch.Tensor, rows: _Rows, position_embeddings) -> _LayerKeys:
+    """The layer's normed input and keys (RoPE at each row's position) at ``rows`` of ``hidden``."""
+    attn = layer.self_attn
+    module = sys.modules[type(attn).__module__]
+    B, _, D = hidden.shape
+    ext = hidden if rows.full else torch.cat([hidden, hidden.new_zeros(B, 1, D)], dim=1)
+    h = layer.input_layernorm(_gather(ext, rows))
+    k = _rotate(module, _project(attn, h, "k_proj", "k_norm"), *_rope_rows(position_embeddings, rows, B))
+    return _LayerKeys(rows, h, k, hidden)
+
+
+def _attention_rows(layer: nn.Module, q_hidden: torch.Tensor, query_index: torch.Tensor, k: torch.Tensor,
+                    rows: _Rows, T: int, position_embeddings) -> torch.Tensor:
+    """(B, heads, Q, T) softmax attention of the normed query rows ``q_hidden`` (B, Q, D) at positions
+    ``query_index`` over keys ``k`` (B, kv_heads, M, head_dim) of ``rows`` (causal); 0 elsewhere."""
+    attn = layer.self_attn
+    module = sys.modules[type(attn).__module__]
+    B = q_hidden.shape[0]
+    cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)
+    ci = query_index.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
+    q = _rotate(module, _project(attn, q_hidden, "q_proj", "q_norm"), cos.gather(1, ci), sin.gather(1, ci))
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
+    allowed = rows.ok[:, None, :] & (rows.idx[:, None, :] <= query_index[:, :, None])
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    if not rows.full:  # back to sequence columns (padding slots land in a scratch column T)
+        full = scores.new_full((*scores.shape[:3], T + 1), float("-inf"))
+        scores = full.scatter(3, rows.idx[:, None, None, :].expand_as(scores), scores)[..., :T]
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+def _fill_probes(layer: nn.Module, probes: list[LayerProbe], hidden: torch.Tensor, k: torch.Tensor, rows: _Rows,
+                 position_embeddings, normed: torch.Tensor | None = None) -> None:
+    """Fill ``probes`` from a layer's own keys ``k`` (B, kv_heads, M, head_dim) at ``rows``; ``hidden``
+    is the layer input (B, T, D), ``normed`` its normed version when the layer computed it whole."""
+    B, T, _ = hidden.shape
+    for probe in probes:
+        if probe.query_index is not None:
+            qi = probe.query_index
+            q_hidden = (_gather_rows(normed, qi) if normed is not None
+                        else layer.input_layernorm(_gather_rows(hidden, qi)))
+            probe.probs = _attention_rows(layer, q_hidden, qi, k, rows, T, position_embeddings)
+        if probe.want_keys:
+            flat = k.transpose(1, 2).reshape(B, k.shape[2], -1)
+            if not rows.full:
+                out = flat.new_zeros(B, T + 1, flat.shape[-1])
+                flat = out.scatter(1, rows.idx.unsqueeze(-1).expand_as(flat), flat)[:, :T]
+            probe.keys = flat
 
 
 def _valid_rows(attn2d: torch.Tensor | None, T: int, input_ids: torch.Tensor | None, past: int = 0) -> torch.Tensor:
@@ -381,12 +482,48 @@ def _make_layer_forward(pruner: Pruner, layer_idx: int, own_forward):
             hidden_states = ctx.hidden  # a selector may have replaced rows
         plan = pruner._plan(layer_idx, call)
         pruner.layer_forwards += 1
+        probes = call.probes.pop(layer_idx, None)
+        keys = call.keys.pop(layer_idx, None)
+        if keys is not None and keys.hidden is not hidden_states:
+            keys = None  # computed before a replace(): stale
         if plan.dense:
             _record_full(pruner, layer_idx, call)
-            return own_forward(hidden_states, *args, **kwargs)
-        return _prefill_layer(layer, layer_idx, hidden_states, kwargs, cache, pruner, call, plan)
+            if not probes:
+                return own_forward(hidden_states, *args, **kwargs)
+            return _dense_with_probes(layer, own_forward, hidden_states, args, kwargs, probes, call.valid)
+        return _prefill_layer(layer, layer_idx, hidden_states, kwargs, cache, pruner, call, plan, probes, keys)
 
     return forward
+
+
+def _dense_with_probes(layer: nn.Module, own_forward, hidden: torch.Tensor, args: tuple, kwargs: dict,
+                       probes: list[LayerProbe], valid: torch.Tensor) -> torch.Tensor:
+    """The layer's own forward, its k_proj input (the normed hidden) and output kept for the probes."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        seen["h"], seen["k"] = inputs[0], output
+
+    handle = layer.self_attn.k_proj.register_forward_hook(grab)
+    try:
+        out = own_forward(hidden, *args, **kwargs)
+    finally:
+        handle.remove()
+    if "k" not in seen:
+        raise EngineError(f"{type(layer).__name__}: its forward never called self_attn.k_proj; "
+                          "watch_attention cannot read its keys")
+    attn = layer.self_attn
+    module = sys.modules[type(attn).__module__]
+    B, T, _ = hidden.shape
+    cos, sin = (t.expand(B, -1, -1) for t in kwargs["position_embeddings"])
+    k = seen["k"].view(B, T, -1, attn.head_dim)
+    if hasattr(attn, "k_norm"):  # per head (Qwen3-VL)
+        k = attn.k_norm(k)
+    k = _rotate(module, k.transpose(1, 2), cos, sin)
+    # every position present (no gather); the valid rows are the kept keys of a dense layer
+    rows = _Rows(torch.arange(T, device=hidden.device).expand(B, T), valid, True)
+    _fill_probes(layer, probes, hidden, k, rows, kwargs["position_embeddings"], normed=seen["h"])
+    return out
 
 
 def _record_full(pruner: Pruner, layer_idx: int, call: _CallState) -> None:
@@ -486,6 +623,8 @@ def _prefill_layer(
     pruner: Pruner,
     call: _CallState,
     plan: _LayerPlan,
+    probes: list[LayerProbe] | None = None,
+    keys: _LayerKeys | None = None,
 ) -> torch.Tensor:
     attn = layer.self_attn
     module = sys.modules[type(attn).__module__]
@@ -496,23 +635,31 @@ def _prefill_layer(
     position_embeddings = kwargs["position_embeddings"]
 
     # Key/value side: kept kv rows only, RoPE at their original positions.
-    h_kv = layer.input_layernorm(_gather(ext, plan.kv))
-    k = _project(attn, h_kv, "k_proj", "k_norm")
-    v = _project(attn, h_kv, "v_proj", None)
     cos_kv, sin_kv = _rope_rows(position_embeddings, plan.kv, B)
-    k = _rotate(module, k, cos_kv, sin_kv)
-    kv_orig, kv_valid = plan.kv.idx, plan.kv.ok & (plan.kv.idx < T)
+    if keys is not None:  # a selector projected this layer's keys on a superset of its rows: gather them
+        # (padding slots may pick any row of keys: they are masked like every padding slot)
+        pos = torch.searchsorted(keys.rows.idx.contiguous(), plan.kv.idx.contiguous())
+        pos = pos.clamp(max=max(keys.rows.count - 1, 0))
+        h_kv = keys.h.gather(1, pos.unsqueeze(-1).expand(-1, -1, D))
+        k = keys.k.gather(2, pos[:, None, :, None].expand(-1, keys.k.shape[1], -1, keys.k.shape[3]))
+    else:
+        h_kv = layer.input_layernorm(_gather(ext, plan.kv))
+        k = _rotate(module, _project(attn, h_kv, "k_proj", "k_norm"), cos_kv, sin_kv)
+    v = _project(attn, h_kv, "v_proj", None)
+    kv_orig, kv_valid = plan.kv.idx, plan.kv.ok
+    if probes:
+        _fill_probes(layer, probes, hidden, k, plan.kv, position_embeddings)
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
     record.kv_orig[layer_idx], record.kv_valid[layer_idx] = kv_orig, kv_valid
-    if plan.kv.count < T or not bool(kv_valid.all()):
+    if plan.kv_pruned:
         record.kv_pruned = True
 
     # Query side: kept q rows attend over kept keys; residual added only there.
     if plan.q.count:
         x_q = _gather(ext, plan.q)
-        h_q = h_kv if plan.q.same_as(plan.kv) else layer.input_layernorm(x_q)
-        cos_q, sin_q = (cos_kv, sin_kv) if plan.q.same_as(plan.kv) else _rope_rows(position_embeddings, plan.q, B)
+        h_q = h_kv if plan.q_is_kv else layer.input_layernorm(x_q)
+        cos_q, sin_q = (cos_kv, sin_kv) if plan.q_is_kv else _rope_rows(position_embeddings, plan.q, B)
         o, has_key = _attend(layer, h_q, plan.q.idx, cos_q, sin_q, k, v, kv_orig, kv_valid)
         x_q = x_q + torch.where(has_key.unsqueeze(-1), o, torch.zeros((), dtype=o.dtype, device=o.device))
         ext = _scatter(ext, plan.q, x_q)

@@ -43,10 +43,11 @@ def execute(conf: BenchStage) -> list[BenchRow]:
     budget = (parse_budgets(conf.bench.budget) if conf.bench.budget else budgets_of(conf.budget))[0] if names else None
     model, inputs, groups = build_slice(device=device, dtype=dtype, **conf.bench.slice_shape)
     methods, skipped = _methods(names, model, groups, budget)
-    rows = run_bench(model, inputs, groups, repeats=conf.bench.repeats, methods=methods, skipped=skipped)
+    rows = run_bench(model, inputs, groups, repeats=conf.bench.repeats, methods=methods, skipped=skipped,
+                     clock=conf.bench.clock)
     table = format_rows(rows)
     at = f", baselines at {budget.kind}={budget.value:g}" if budget is not None else ""
-    print(f"engine benchmark ({device}, {torch.get_num_threads()} threads{at})\n{table}")
+    print(f"engine benchmark ({device}, {torch.get_num_threads()} threads, {conf.bench.clock} clock{at})\n{table}")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     out = Path(conf.paths.run_dir)

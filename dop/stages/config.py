@@ -267,6 +267,7 @@ class BenchConfig:
     n_instruction: int
     dtype: Literal["float32", "bfloat16", "float16"]
     repeats: int
+    clock: Literal["wall", "process"]
     methods: list[str] | str
     budget: str | None
 

@@ -87,11 +87,6 @@ class Method:
             yield pruner
 
 
-def _text(config: Any) -> Any:
-    get = getattr(config, "get_text_config", None)
-    return get(decoder=True) if get is not None else config
-
-
 def uniform_schedule(groups: Mapping[str, int], num_layers: int, changes: Mapping[int, Mapping[str, int]]
                      ) -> list[dict[str, int]]:
     """Group sizes per layer with ``changes[l]`` applied from layer ``l`` on."""
@@ -103,19 +98,16 @@ def uniform_schedule(groups: Mapping[str, int], num_layers: int, changes: Mappin
     return out
 
 
-def topk_rows(score: Any, allowed: Any, k: Sequence[int] | int) -> Any:
-    """(B, T) bool: per sample, the ``k`` highest-scoring ``allowed`` rows (ties by position)."""
-    import torch
-
+def topk_rows(score: torch.Tensor, allowed: torch.Tensor, k: Sequence[int] | int | torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: per sample, the ``k`` highest-scoring ``allowed`` rows (ties by position); ``k`` an
+    int, or one count per sample (a list or a (B,) tensor). Tensor ops only (no host sync)."""
     B, T = allowed.shape
-    ks = [int(k)] * B if isinstance(k, int) else [int(x) for x in k]
     masked = score.float().masked_fill(~allowed, float("-inf"))
     order = masked.argsort(dim=1, descending=True, stable=True)
-    keep = torch.zeros_like(allowed)
-    for b in range(B):
-        n = min(ks[b], int(allowed[b].sum()))
-        keep[b, order[b, :n]] = True
-    return keep
+    k = torch.as_tensor(k, device=allowed.device).expand(B)
+    n = torch.minimum(k, allowed.sum(dim=1))
+    first = torch.arange(T, device=allowed.device).expand(B, T) < n[:, None]  # the first n of each order
+    return torch.zeros_like(allowed).scatter(1, order, first)
 
 
 # --- helpers shared by the in-LLM selectors -----------------------------------------------
@@ -124,12 +116,6 @@ def last_rows(valid: torch.Tensor) -> torch.Tensor:
     T = valid.shape[1]
     pos = torch.arange(T, device=valid.device).expand_as(valid)
     return torch.where(valid, pos, torch.full_like(pos, -1)).max(dim=1, keepdim=True).values.clamp(min=0)
-
-
-def num_layers_of(model: nn.Module) -> int:
-    from dop.adapters import get_adapter
-
-    return get_adapter(model).num_layers
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None, method: str = "") -> int:

@@ -30,13 +30,22 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from dop.budget import Budget
-from dop.engine.baselines.base import Method, MethodError, _text
-from dop.flops import TextShape, count_flops, equivalent_tokens, flops_breakdown, flops_for_tokens, text_shape
+from dop.engine.baselines import get_method
+from dop.engine.baselines.base import Method, MethodError
+from dop.flops import (
+    TextShape,
+    count_flops,
+    equivalent_tokens,
+    flops_breakdown,
+    flops_for_tokens,
+    num_layers,
+    text_shape,
+)
 
 __all__ = ["MATCH_MODES", "Match", "SampleMatcher", "budget_to_flops", "knob_flops", "match_budget", "method_flops",
            "nominal_match", "resolve_method", "sample_budget_flops"]
@@ -96,8 +105,6 @@ def _jsonable(x: Any) -> Any:
 
 def resolve_method(method: Method | str | Mapping[str, Any], **hparams: Any) -> Method:
     """A ``Method`` from an instance, a registry name, or a config node ``{name: ..., <hparams>}``."""
-    from dop.engine.baselines import get_method
-
     if isinstance(method, Method):
         return method
     if isinstance(method, str):
@@ -111,13 +118,13 @@ def resolve_method(method: Method | str | Mapping[str, Any], **hparams: Any) -> 
     raise MethodError(f"cannot build a method from {method!r}")
 
 
-def _plain(node: Mapping[str, Any]) -> dict[str, Any]:
-    try:
-        from omegaconf import OmegaConf
-
-        return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in node.items()}
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        return dict(node)
+def _plain(node: Any) -> Any:
+    """Plain dicts and lists from any mapping / sequence (a config node stays outside the engine)."""
+    if isinstance(node, Mapping):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, Sequence) and not isinstance(node, (str, bytes)):
+        return [_plain(v) for v in node]
+    return node
 
 
 def method_flops(method: Method, text_config: Any, groups: Mapping[str, int], knob: Any,
@@ -148,9 +155,9 @@ def _dense_layer_flops(shape: TextShape, rows: int) -> float:
 
 
 def _num_layers(text_config: Any) -> int:
-    if isinstance(text_config, Mapping):
+    if isinstance(text_config, Mapping) and "num_hidden_layers" in text_config:
         return int(text_config["num_hidden_layers"])
-    return int(_text(text_config).num_hidden_layers)
+    return num_layers(text_config)
 
 
 def knob_flops(method: Method, text_config: Any, groups: Mapping[str, int], images: int = 1

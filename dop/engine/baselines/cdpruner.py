@@ -55,20 +55,24 @@ _LLAVA_ONLY_WHY = ("; CDPruner's relevance compares patches with the instruction
 
 
 def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
-    """Ascending indices of the greedy MAP of a DPP with (N, N) PSD ``kernel`` (k steps)."""
-    N = kernel.shape[0]
+    """Ascending indices of the greedy MAP of a DPP with (N, N) PSD ``kernel`` (k steps); a batch
+    (n, N, N) of kernels gives (n, k), all at once."""
+    if kernel.dim() == 2:
+        return dpp_greedy(kernel[None], k)[0]
+    n, N, _ = kernel.shape
     L = kernel.double()
-    cis = L.new_zeros(k, N)
-    di2s = torch.diagonal(L).clone()
-    chosen = []
+    cis = L.new_zeros(n, k, N)
+    di2s = torch.diagonal(L, dim1=-2, dim2=-1).clone()
+    chosen = torch.zeros(n, k, dtype=torch.long, device=kernel.device)
     for i in range(k):
-        j = int(di2s.argmax())
-        chosen.append(j)
-        eis = (L[j] - cis[:i, j] @ cis[:i]) / di2s[j].clamp(min=1e-12).sqrt()
-        cis[i] = eis
-        di2s = di2s - eis ** 2
-        di2s[chosen] = float("-inf")
-    return torch.tensor(sorted(chosen), dtype=torch.long, device=kernel.device)
+        j = di2s.argmax(dim=1)
+        chosen[:, i] = j
+        row = L.gather(1, j.view(n, 1, 1).expand(-1, 1, N))[:, 0]  # (n, N)
+        cj = cis[:, :i].gather(2, j.view(n, 1, 1).expand(-1, i, 1))  # (n, i, 1)
+        eis = (row - (cj * cis[:, :i]).sum(1)) / di2s.gather(1, j[:, None]).clamp(min=1e-12).sqrt()
+        cis[:, i] = eis
+        di2s = (di2s - eis ** 2).scatter(1, chosen[:, : i + 1], float("-inf"))
+    return chosen.sort(dim=1).values
 
 
 def cdpruner_relevance(patch_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -78,11 +82,9 @@ def cdpruner_relevance(patch_embeds: torch.Tensor, text_embeds: torch.Tensor) ->
 
 
 def cdpruner_select(projected: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:
-    out = []
-    for x, r in zip(projected, relevance, strict=True):
-        xn = F.normalize(x.float(), dim=-1)
-        out.append(dpp_greedy(r[:, None] * (xn @ xn.T) * r[None, :], k))
-    return torch.stack(out)
+    """(n, k) kept tokens of each image: DPP greedy MAP with kernel diag(r) S diag(r), all images at once."""
+    xn = F.normalize(projected.float(), dim=-1)
+    return dpp_greedy(relevance[:, :, None] * (xn @ xn.transpose(1, 2)) * relevance[:, None, :], k)
 
 
 class CDPruner(TextGuidedReducer):

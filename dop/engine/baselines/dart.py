@@ -4,7 +4,8 @@ At layer K (``pruned_layer``, default 2), per sample:
 
 1. Pivots: the ``pivot_image_tokens`` visual rows and ``pivot_text_tokens`` instruction rows (text
    after the image) with the largest L1 norm of their **keys at layer K-1** (that layer's k_proj on
-   its normed input, with RoPE at the row's position, like the cached keys DART reads).
+   its normed input, with RoPE at the row's position, like the cached keys DART reads; read while
+   layer K-1 computes them, ``ctx.watch_attention(keys=True)``).
 2. For each pivot in turn (by position), the ``budget // (pivots)`` visual rows least cosine-similar
    to it, on layer K-1's output hidden states after the final norm (DART passes ``model.norm``), among
    the visual rows not selected yet (visual pivots count as selected).
@@ -17,7 +18,6 @@ Knob: ``budget`` (DART's ``max_num_trunction``); distinct values are multiples o
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,43 +25,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dop.engine.baselines.base import Method, MethodError, check_int, uniform_schedule
+from dop.adapters import get_adapter
+from dop.engine.baselines.base import Method, MethodError, check_int, topk_rows, uniform_schedule
 from dop.ops import INSTRUCTION, VISION
-
-
-def layer_keys(layer: nn.Module, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """(B, T, kv_heads * head_dim) keys of ``layer`` on its input ``hidden``, RoPE applied."""
-    attn = layer.self_attn
-    B, T, _ = hidden.shape
-    k = attn.k_proj(layer.input_layernorm(hidden)).view(B, T, -1, attn.head_dim)
-    if hasattr(attn, "k_norm"):
-        k = attn.k_norm(k)
-    k = k.transpose(1, 2)
-    rotate_half = sys.modules[type(attn).__module__].rotate_half
-    cos, sin = (t.expand(B, -1, -1).unsqueeze(1) for t in position_embeddings)
-    k = k * cos + rotate_half(k) * sin
-    return k.transpose(1, 2).reshape(B, T, -1)
 
 
 def dart_select(keys: torch.Tensor, states: torch.Tensor, vision: torch.Tensor, text: torch.Tensor,
                 budget: int, pivot_image: int, pivot_text: int) -> torch.Tensor:
-    """(B, T) bool kept visual rows (DART steps 1-3) from keys and hidden states (B, T, *)."""
-    keep = torch.zeros_like(vision)
+    """(B, T) bool kept visual rows (DART steps 1-3) from keys and hidden states (B, T, *).
+
+    Batched: the pivots of every sample are taken in position order, one pivot per step (a fixed
+    number of steps, ``pivot_image + pivot_text``); a sample with fewer pivots skips its last steps."""
+    B, T = vision.shape
     per_pivot = budget // (pivot_image + pivot_text)
     norms = keys.float().abs().sum(-1)
-    for b in range(keys.shape[0]):
-        vis, txt = vision[b].nonzero()[:, 0], text[b].nonzero()[:, 0]
-        img_piv = vis[norms[b, vis].topk(min(pivot_image, len(vis))).indices]
-        txt_piv = txt[norms[b, txt].topk(min(pivot_text, len(txt))).indices]
-        chosen = set(img_piv.tolist())
-        for p in sorted(chosen | set(txt_piv.tolist())):
-            cand = torch.tensor([i for i in vis.tolist() if i not in chosen], dtype=torch.long)
-            if len(cand) == 0 or per_pivot == 0:
-                break
-            neg_cos = -F.cosine_similarity(states[b, p].float()[None], states[b, cand].float(), dim=-1)
-            chosen |= set(cand[neg_cos.topk(min(per_pivot, len(cand))).indices].tolist())
-        keep[b, sorted(chosen)] = True
-    return keep
+    chosen = topk_rows(norms, vision, pivot_image)  # visual pivots count as selected
+    if per_pivot == 0:
+        return chosen
+    pivots = chosen | topk_rows(norms, text, pivot_text)
+    steps = pivot_image + pivot_text
+    pos = torch.arange(T, device=vision.device).expand(B, T)
+    order = torch.where(pivots, pos, torch.full_like(pos, T)).sort(dim=1).values[:, :steps]  # (B, steps)
+    states = states.float()
+    for step in range(order.shape[1]):
+        p = order[:, step]
+        present = p < T
+        pivot = states.gather(1, p.clamp(max=T - 1)[:, None, None].expand(-1, 1, states.shape[-1]))
+        neg_cos = -F.cosine_similarity(pivot, states, dim=-1)  # (B, T)
+        cand = vision & ~chosen & present[:, None]
+        chosen = chosen | topk_rows(neg_cos, cand, per_pivot)
+    return chosen
 
 
 def final_norm(model: nn.Module, layers: nn.ModuleList) -> nn.Module | None:
@@ -72,20 +65,22 @@ def final_norm(model: nn.Module, layers: nn.ModuleList) -> nn.Module | None:
 
 
 class _DARTSelector:
+    """Watches layer K-1's keys while that layer runs; selects at layer K."""
+
     def __init__(self, K: int, budget: int, pivots: tuple[int, int], norm: nn.Module | None) -> None:
         self.K, self.budget, self.pivots, self.norm = K, budget, pivots, norm
-        self.keys = None
+        self.probe = None
 
     def before_layer(self, ctx) -> None:
         if ctx.layer_idx == self.K - 1:
-            self.keys = layer_keys(ctx.layer, ctx.hidden, ctx.position_embeddings)
-        elif ctx.layer_idx == self.K:
+            self.probe = ctx.watch_attention(keys=True)
+        elif ctx.layer_idx == self.K and self.probe is not None:
+            keys, self.probe = self.probe.keys, None
             states = self.norm(ctx.hidden) if self.norm is not None else ctx.hidden
             vision = ctx.groups[VISION] & ctx.keep("kv")
-            keep = dart_select(self.keys, states, vision, ctx.groups[INSTRUCTION] & ctx.keep("kv"),
+            keep = dart_select(keys, states, vision, ctx.groups[INSTRUCTION] & ctx.keep("kv"),
                                self.budget, *self.pivots)
             ctx.drop(vision & ~keep)
-            self.keys = None
 
 
 class DART(Method):
@@ -130,8 +125,6 @@ class DART(Method):
         return uniform_schedule(groups, num_layers, {self._K(num_layers): {VISION: keep}})
 
     def selectors(self, model: nn.Module, knob: Any) -> list[Any]:
-        from dop.adapters import get_adapter
-
         check_int("knob (budget)", knob, 0, method=self.name)
         layers = get_adapter(model).decoder_layers()
         pivots = (self.hparams["pivot_image_tokens"], self.hparams["pivot_text_tokens"])

@@ -24,20 +24,29 @@ from dop.engine.baselines.reducer import ImageTokens, ReducerMethod, VisionConte
 
 
 def divprune_select(tokens: torch.Tensor, k: int) -> torch.Tensor:
-    """(n, k) ascending indices of a greedy max-min (cosine distance) subset of each (N, D) row."""
-    out = []
-    for x in tokens:
-        xn = F.normalize(x.float(), dim=-1)
-        dist = 1.0 - xn @ xn.T
-        chosen = []
-        for i in range(k):
-            if i == 0:  # second-smallest per column = distance to the nearest other token
-                scores = dist.topk(2, dim=0, largest=False).values[1] if len(x) > 1 else dist[0]
-            else:
-                scores = dist[chosen].min(dim=0).values
-            chosen.append(int(scores.argmax()))
-        out.append(torch.tensor(sorted(chosen), dtype=torch.long, device=tokens.device))
-    return torch.stack(out) if out else tokens.new_zeros(0, k, dtype=torch.long)
+    """(n, k) ascending indices of a greedy max-min (cosine distance) subset of each (N, D) row.
+
+    All images at once; each step updates the distance to the chosen set with the new token's row
+    (the same minimum as recomputing it over the chosen rows, without a host sync)."""
+    n, N, _ = tokens.shape
+    if n == 0 or k <= 0:
+        return tokens.new_zeros(n, max(k, 0), dtype=torch.long)
+    xn = F.normalize(tokens.float(), dim=-1)
+    dist = 1.0 - xn @ xn.transpose(1, 2)  # (n, N, N)
+    # second-smallest per column = distance to the nearest other token
+    first = dist.topk(2, dim=1, largest=False).values[:, 1] if N > 1 else dist[:, 0]
+    chosen = [first.argmax(dim=1)]
+    nearest = _row(dist, chosen[0])  # distance of every token to the chosen set
+    for _ in range(1, k):
+        j = nearest.argmax(dim=1)
+        chosen.append(j)
+        nearest = torch.minimum(nearest, _row(dist, j))
+    return torch.stack(chosen, dim=1).sort(dim=1).values
+
+
+def _row(dist: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """(n, N): row ``j[b]`` of each (N, N) ``dist[b]``."""
+    return dist.gather(1, j.view(-1, 1, 1).expand(-1, 1, dist.shape[2]))[:, 0]
 
 
 class DivPrune(ReducerMethod):

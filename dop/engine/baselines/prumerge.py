@@ -37,11 +37,11 @@ from dop.engine.baselines.reducer import (
     ImageTokens,
     ReducerMethod,
     VisionContext,
-    _tower_layers,
     complement,
     evenly_spaced,
     iqr_outliers,
 )
+from dop.engine.baselines.vision_context import tower_layers
 
 
 def prumerge_select(cls_attn: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,21 +60,22 @@ def prumerge_select(cls_attn: torch.Tensor, k: int) -> torch.Tensor:
 def prumerge_tokens(feats: torch.Tensor, keys: torch.Tensor, cls_attn: torch.Tensor, idx: torch.Tensor,
                     neighbours: int = 32) -> torch.Tensor:
     """(n, m+1, C): each kept feature + weighted sum of its ``neighbours`` most key-similar other tokens,
-    then the cls_attn-weighted sum of the non-kept tokens. ``keys`` (n, N, c) of the patches."""
+    then the cls_attn-weighted sum of the non-kept tokens. ``keys`` (n, N, c) of the patches; all
+    images at once (each keeps the same ``m``)."""
     n, N, C = feats.shape
+    m = idx.shape[1]
     kn = F.normalize(keys.float(), dim=-1)
-    out = []
-    for b in range(n):
-        sel = idx[b]
-        sim = kn[b, sel] @ kn[b].T  # (m, N)
-        sim[torch.arange(len(sel)), sel] = float("-inf")  # never the token itself
-        nb = sim.topk(min(neighbours, N - 1), dim=-1).indices  # (m, nbrs)
-        w = cls_attn[b][nb].unsqueeze(-1).to(feats.dtype)
-        kept = feats[b, sel] + (feats[b][nb] * w).sum(1)
-        rest = complement(sel.unsqueeze(0), N)[0]
-        extra = (feats[b, rest] * cls_attn[b, rest].unsqueeze(-1).to(feats.dtype)).sum(0, keepdim=True)
-        out.append(torch.cat([kept, extra]))
-    return torch.stack(out)
+    sim = kn.gather(1, idx.unsqueeze(-1).expand(-1, -1, kn.shape[-1])) @ kn.transpose(1, 2)  # (n, m, N)
+    sim.scatter_(2, idx.unsqueeze(-1), float("-inf"))  # never the token itself
+    nbrs = min(neighbours, N - 1)
+    nb = sim.topk(nbrs, dim=-1).indices.flatten(1)  # (n, m * nbrs)
+    w = cls_attn.gather(1, nb).view(n, m, nbrs, 1).to(feats.dtype)
+    near = feats.gather(1, nb.unsqueeze(-1).expand(-1, -1, C)).view(n, m, nbrs, C)
+    kept = feats.gather(1, idx.unsqueeze(-1).expand(-1, -1, C)) + (near * w).sum(2)
+    rest = complement(idx, N)
+    extra = (feats.gather(1, rest.unsqueeze(-1).expand(-1, -1, C))
+             * cls_attn.gather(1, rest).unsqueeze(-1).to(feats.dtype)).sum(1, keepdim=True)
+    return torch.cat([kept, extra], dim=1)
 
 
 class PruMergePlus(ReducerMethod):
@@ -83,7 +84,7 @@ class PruMergePlus(ReducerMethod):
     defaults: ClassVar[dict] = {"neighbours": 32, "qk_layer": -1}
 
     def qk_layer(self, model) -> int:
-        return int(self.hparams["qk_layer"]) % len(_tower_layers(model))
+        return int(self.hparams["qk_layer"]) % len(tower_layers(model))
 
     def attn_layers(self, model) -> list[int]:
         return [self.qk_layer(model)]

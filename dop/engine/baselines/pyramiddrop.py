@@ -1,9 +1,9 @@
 """PyramidDrop (Xing et al., CVPR'25, ``Cooperx521/PyramidDrop``): staged visual-token dropping.
 
 At each stage boundary ``l`` of ``layer_list`` the visual rows still present are scored by the
-attention of the **last instruction token** (the last prompt row), recomputed with layer ``l``'s
-q/k projections on layer ``l``'s input (PDrop's "next layer's projections on the current hidden"),
-head-averaged; the top ``floor(n_img * ratio_s)`` stay from layer ``l`` on (``n_img`` = the sample's
+attention of the **last instruction token** (the last prompt row), computed with layer ``l``'s
+q/k projections on layer ``l``'s input (PDrop's "next layer's projections on the current hidden")
+before layer ``l`` runs, which then reuses those keys for the rows it keeps, head-averaged; the top ``floor(n_img * ratio_s)`` stay from layer ``l`` on (``n_img`` = the sample's
 original visual tokens). Kept rows keep their original positions (PDrop re-indexes positions
 contiguously; dop's engine always uses original positions, see ``baselines.md`` 2.2).
 
@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dop import flops
 from dop.engine.baselines.base import (
     Method,
     MethodError,
     last_rows,
-    num_layers_of,
     scale_layers,
     topk_rows,
     uniform_schedule,
@@ -72,15 +72,21 @@ class _PDropSelector:
         if ratio is None:
             return
         allowed = ctx.groups[VISION] & ctx.keep("kv")
+        # this layer's own attention decides its own rows: the keys are projected here, on the rows
+        # still present, and the layer reuses them for the rows it keeps
         probs = ctx.attention_probs(last_instruction_rows(ctx.groups, ctx.valid))
         score = probs.float().mean(dim=1)[:, 0]
-        counts = [_count(int(n), ratio) for n in self.n_img.tolist()]
-        kept = topk_rows(score, allowed, counts)
+        kept = topk_rows(score, allowed, _counts(self.n_img, ratio))
         ctx.drop(allowed & ~kept)
 
 
 def _count(n_img: int, ratio: float) -> int:
     return int(math.floor(n_img * ratio + 1e-9))
+
+
+def _counts(n_img: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``_count`` per sample on a tensor (float64, the same arithmetic as Python floats)."""
+    return torch.floor(n_img.double() * ratio + 1e-9).long()
 
 
 class PyramidDrop(Method):
@@ -185,4 +191,4 @@ class PyramidDrop(Method):
         return uniform_schedule(groups, num_layers, changes)
 
     def selectors(self, model: nn.Module, knob: Any) -> list[Any]:
-        return [_PDropSelector(self.stages(num_layers_of(model), knob))]
+        return [_PDropSelector(self.stages(flops.num_layers(model), knob))]

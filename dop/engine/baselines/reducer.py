@@ -9,14 +9,18 @@ How it runs on one model instance (nothing is patched, every hook is removed on 
 - ``reduce_inputs(model, inputs, k)`` rewrites ``input_ids``/``attention_mask`` so that each image
   has exactly ``k`` ``<image>`` placeholders (the padding side of the batch is kept).
 - ``apply(model, k)`` installs, for the block:
-  * forward pre-hooks on the ``self_attn`` of the vision-tower layers the method reads; they keep
-    that layer's attention *input* (after ``layer_norm1``), from which ``VisionContext`` recomputes
-    the [CLS] attention row or the keys with the layer's own ``q_proj``/``k_proj``. Only these rows
-    are computed; the tower keeps its attention backend (SDPA) and never runs eager;
+  * forward pre-hooks on the ``self_attn`` of the vision-tower layers the method reads, and forward
+    hooks on their ``q_proj``/``k_proj``; they keep that layer's attention *input* (after
+    ``layer_norm1``) and the tower's own q/k projections of it, from which ``VisionContext`` computes
+    the [CLS] attention row (only the [CLS] query is projected again, one row) or reads the keys.
+    The tower keeps its attention backend (SDPA) and never runs eager;
   * a forward hook on the encoder layer whose output is the LLaVA feature layer (for the [CLS]
     hidden state, which the ``default`` feature strategy drops before the projector);
-  * a forward hook on ``model.model.multi_modal_projector`` that replaces its output
-    ``(images, N, D)`` by the method's ``(images, k, D)`` tokens (``ReducerMethod.reduce``).
+  * a forward pre-hook on ``model.model.multi_modal_projector`` that runs the method
+    (``ReducerMethod.reduce``) on its input ``(images, N, C)``: the method projects only the ``k``
+    tokens it keeps (``VisionContext.project``), or every token when its selection reads them
+    (``VisionContext.projected``: DivPrune, CDPruner); the projector call itself gets no rows, and a
+    forward hook replaces its empty output by the method's ``(images, k, D)`` tokens.
   The projector only runs at prefill, so ``model.generate`` works unchanged.
 
 Supported: ``LlavaForConditionalGeneration`` (``model_type == "llava"``) with a CLIP-style vision
@@ -38,11 +42,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer, CLIPModel
 
 from dop.engine.baselines.base import Method, MethodError, uniform_schedule
 from dop.engine.baselines.vision_access import (
@@ -59,11 +63,12 @@ from dop.engine.baselines.vision_access_next import (
     image_samples,
     is_llava_next,
 )
+from dop.engine.baselines.vision_context import VisionContext, feature_layer_index, tower_layers
 from dop.engine.core import prune
+from dop.models import resolve_path
 from dop.ops import VISION
 
 SUPPORTED_MODEL_TYPES = ("llava", *QWEN_MODEL_TYPES, *NEXT_MODEL_TYPES)
-LLAVA_ONLY = ("llava",)
 CLIP_TOWER_TYPES = ("llava", "llava_next")  # CLIP-L/336 towers: a CLIP text tower shares their joint space
 
 
@@ -76,12 +81,6 @@ def drops_rows(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------
 # Model access
 # --------------------------------------------------------------------------------------------
-def _tower_layers(model: nn.Module) -> nn.ModuleList:
-    tower = model.model.vision_tower
-    inner = getattr(tower, "vision_model", tower)
-    return inner.encoder.layers
-
-
 def check_reducible(model: nn.Module, method: str, model_types: tuple[str, ...] = SUPPORTED_MODEL_TYPES,
                     why: str = "") -> None:
     """Raise ``MethodError`` unless ``model`` is a family the reducer supports (``why``: the reason a
@@ -107,7 +106,7 @@ def check_reducible(model: nn.Module, method: str, model_types: tuple[str, ...] 
         raise MethodError(f"method {method!r}: vision_feature_select_strategy "
                           f"{cfg.vision_feature_select_strategy!r} is not supported (only 'default': a [CLS] token)")
     try:
-        layers = _tower_layers(model)
+        layers = tower_layers(model)
         layers[0].self_attn.q_proj, layers[0].self_attn.k_proj  # noqa: B018
     except AttributeError as e:
         raise MethodError(f"method {method!r}: vision tower is not CLIP-like (encoder.layers[i].self_attn."
@@ -127,76 +126,9 @@ def tokens_per_image(model: nn.Module) -> int:
     return (int(vc.image_size) // int(vc.patch_size)) ** 2
 
 
-def feature_layer_index(model: nn.Module) -> int:
-    """The encoder layer whose output is ``hidden_states[vision_feature_layer]`` (-2 -> L-2)."""
-    n = len(_tower_layers(model))
-    f = int(model.config.vision_feature_layer)
-    return f % (n + 1) - 1
-
-
 def scaled_layer(index: int, of: int, num_layers: int) -> int:
     """Layer ``index`` of a ``of``-layer tower mapped to a ``num_layers``-layer one (VisionZip's 22/24)."""
     return max(0, min(num_layers - 1, round(index * num_layers / of)))
-
-
-# --------------------------------------------------------------------------------------------
-# What a method sees
-# --------------------------------------------------------------------------------------------
-@dataclass
-class VisionContext:
-    """Everything captured for one projector call (``n`` images, ``N`` patches each)."""
-
-    model: nn.Module
-    features: torch.Tensor  # (n, N, C) projector input: patch features of the feature layer
-    projected: torch.Tensor  # (n, N, D) projector output
-    cls_hidden: torch.Tensor | None  # (n, C) [CLS] hidden state at the feature layer
-    attn_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, 1+N, C) self_attn input
-    texts: list[Any] | None = None  # per image: text embeddings (segments, P) for text-guided methods
-    _project: Any = None
-
-    @property
-    def feature_layer(self) -> int:
-        return feature_layer_index(self.model)
-
-    @property
-    def num_layers(self) -> int:
-        return len(_tower_layers(self.model))
-
-    def _attn(self, layer: int) -> nn.Module:
-        if layer not in self.attn_inputs:
-            raise MethodError(f"vision layer {layer} was not captured; list it in attn_layers()")
-        return _tower_layers(self.model)[layer].self_attn
-
-    def cls_attention(self, layer: int | None = None) -> torch.Tensor:
-        """(n, heads, N): softmax [CLS] row of ``layer`` (default: the feature layer) over all 1+N keys,
-        restricted to the patch columns, recomputed from that layer's ``q_proj``/``k_proj``."""
-        layer = self.feature_layer if layer is None else layer
-        attn, x = self._attn(layer), self.attn_inputs[layer]
-        n, t, _ = x.shape
-        hd = attn.head_dim
-        q = attn.q_proj(x[:, :1]).view(n, 1, -1, hd).transpose(1, 2)  # (n, H, 1, hd)
-        k = attn.k_proj(x).view(n, t, -1, hd).transpose(1, 2)  # (n, H, T, hd)
-        w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
-        return w[:, :, 0, 1:]
-
-    def keys(self, layer: int) -> torch.Tensor:
-        """(n, heads, 1+N, head_dim): the keys of ``layer`` ([CLS] first)."""
-        attn, x = self._attn(layer), self.attn_inputs[layer]
-        n, t, _ = x.shape
-        return attn.k_proj(x).view(n, t, -1, attn.head_dim).transpose(1, 2)
-
-    def qk_full(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, 1+N, C) un-split ``q_proj``/``k_proj`` outputs of ``layer`` (PruMerge's single-head view)."""
-        attn, x = self._attn(layer), self.attn_inputs[layer]
-        return attn.q_proj(x), attn.k_proj(x)
-
-    def project(self, feats: torch.Tensor) -> torch.Tensor:
-        """Run the multimodal projector on vision-space tokens (n, m, C) -> (n, m, D)."""
-        return self._project(feats)
-
-    def gather(self, tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(n, m, X) rows ``index`` (n, m) of ``tokens`` (n, N, X)."""
-        return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,11 +143,11 @@ def topk_sorted(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def complement(index: torch.Tensor, n: int) -> torch.Tensor:
-    """(rows, n - m) ascending indices not in ``index`` (rows, m)."""
+    """(rows, n - m) ascending indices not in ``index`` (rows, m; distinct per row)."""
     keep = torch.ones(index.shape[0], n, dtype=torch.bool, device=index.device)
     keep.scatter_(1, index, False)
-    return torch.stack([row.nonzero().squeeze(-1) for row in keep]) if n - index.shape[1] > 0 else \
-        index.new_zeros(index.shape[0], 0)
+    pos = torch.arange(n, device=index.device).expand(index.shape[0], n)
+    return torch.where(keep, pos, torch.full_like(pos, n)).sort(dim=1).values[:, : n - index.shape[1]]
 
 
 def evenly_spaced(candidates: torch.Tensor, m: int) -> torch.Tensor:
@@ -238,33 +170,30 @@ def iqr_outliers(score: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def shorten_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token: int,
                    per_image: int, k: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each run of ``per_image`` ``image_token``s becomes ``k`` of them; padding side is preserved."""
+    """Each run of ``per_image`` ``image_token``s becomes ``k`` of them; padding side is preserved.
+
+    Tensor ops: every kept token moves to its rank among its sample's kept tokens (after the left
+    padding of the new width when the batch is left padded)."""
     B, T = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    right = bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any())
-    rows = []
-    for b in range(B):
-        ids = input_ids[b][mask[b].bool()]
-        is_img = ids == image_token
-        n_img = int(is_img.sum())
-        if n_img % per_image:
-            raise MethodError(f"sample {b}: {n_img} image placeholders is not a multiple of {per_image} per image")
-        out, run = [], 0
-        for tok, img in zip(ids.tolist(), is_img.tolist(), strict=True):
-            if img:
-                if run % per_image < k:
-                    out.append(tok)
-                run += 1
-            else:
-                out.append(tok)
-        rows.append(out)
-    L = max(len(r) for r in rows)
-    new_ids = input_ids.new_full((B, L), pad_id)
-    new_mask = mask.new_zeros((B, L))
-    for b, r in enumerate(rows):
-        sl = slice(0, len(r)) if right else slice(L - len(r), L)
-        new_ids[b, sl] = torch.tensor(r, dtype=input_ids.dtype)
-        new_mask[b, sl] = 1
+    valid = mask.bool()
+    is_img = (input_ids == image_token) & valid
+    n_img = is_img.sum(1)
+    run = is_img.cumsum(1) - 1  # each placeholder's index among its sample's placeholders
+    keep = valid & (~is_img | (run % per_image < k))
+    lengths = keep.sum(1)
+    # one host sync: the padding side, the placeholder check and the new width decide shapes and errors
+    pad_end, pad_start, bad, width = torch.stack([(mask[:, -1] == 0).any(), (mask[:, 0] == 0).any(),
+                                                  (n_img % per_image != 0).any(), lengths.max()]).tolist()
+    if bad:
+        b = int((n_img % per_image != 0).nonzero()[0, 0])
+        raise MethodError(f"sample {b}: {int(n_img[b])} image placeholders is not a multiple of {per_image} per image")
+    right = bool(pad_end) and not pad_start
+    rank = keep.cumsum(1) - 1
+    dest = rank if right else rank + (width - lengths)[:, None]
+    dest = torch.where(keep, dest, torch.full_like(dest, width))  # dropped tokens go to a scratch column
+    new_ids = input_ids.new_full((B, width + 1), pad_id).scatter(1, dest, input_ids)[:, :width]
+    new_mask = mask.new_zeros((B, width + 1)).scatter(1, dest, keep.to(mask.dtype))[:, :width]
     return new_ids, new_mask
 
 
@@ -298,10 +227,13 @@ class ReducerMethod(Method):
         raise NotImplementedError
 
     def reduce(self, ctx: VisionContext, k: int) -> torch.Tensor:
-        """(n, k, D) tokens for the LLM; default: the projected tokens at ``select``'s indices."""
+        """(n, k, D) tokens for the LLM; default: the projected tokens at ``select``'s indices (only
+        those are projected, unless ``select`` read every projected token already)."""
         idx = self.select(ctx, k)
         self.last_selection = idx
-        return ctx.gather(ctx.projected, idx)
+        if ctx.has_projected:
+            return ctx.gather(ctx.projected, idx)
+        return ctx.project(ctx.gather(ctx.features, idx))
 
     def select_image(self, img: ImageTokens, k: int) -> torch.Tensor:
         """Qwen-VL: (k,) ascending indices of the image's merger-output tokens to keep."""
@@ -381,9 +313,9 @@ class ReducerMethod(Method):
             return
         n_patch = tokens_per_image(model)
         k = min(int(knob), n_patch)
-        layers = _tower_layers(model)
-        cap: dict[str, Any] = {"attn": {}, "cls": None}
-        state = {"inner": False}
+        layers = tower_layers(model)
+        cap: dict[str, Any] = {"attn": {}, "qk": {}, "cls": None}
+        state: dict[str, Any] = {"inner": False, "out": None}
         handles = []
 
         def grab_attn_input(idx):
@@ -391,8 +323,16 @@ class ReducerMethod(Method):
                 cap["attn"][idx] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             return hook
 
+        def grab_projection(idx, which):  # the tower's own q/k projections: not computed a second time
+            def hook(module, args, output):
+                cap["qk"].setdefault(idx, {})[which] = output
+            return hook
+
         for i in sorted(set(self.attn_layers(model))):
-            handles.append(layers[i].self_attn.register_forward_pre_hook(grab_attn_input(i), with_kwargs=True))
+            attn = layers[i].self_attn
+            handles.append(attn.register_forward_pre_hook(grab_attn_input(i), with_kwargs=True))
+            handles.append(attn.q_proj.register_forward_hook(grab_projection(i, "q")))
+            handles.append(attn.k_proj.register_forward_hook(grab_projection(i, "k")))
 
         def grab_feature(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
@@ -421,7 +361,10 @@ class ReducerMethod(Method):
             finally:
                 state["inner"] = False
 
-        def replace_output(module, args, output):
+        # The reduction runs before the projector: the method projects only what it keeps (or reads
+        # every projected token through ctx.projected); the projector call itself then gets no rows
+        # and its (empty) output is replaced by the method's tokens.
+        def reduce_input(module, args):
             if state["inner"]:
                 return None
             feats = args[0]
@@ -429,23 +372,31 @@ class ReducerMethod(Method):
                 raise MethodError(f"projector input has {feats.shape[1]} rows per image, expected {n_patch}")
             if k >= n_patch:
                 return None
+            if k == 0:
+                return (feats[:, :0], *args[1:])
             texts = None
             if self.needs_text:
                 samples = self._image_samples
                 if self._texts is None or samples is None or len(samples) != feats.shape[0]:
                     raise MethodError(f"method {self.name!r}: no instruction encoded; call reduce_inputs first")
                 texts = [self._texts[int(s)] for s in samples]
-            ctx = VisionContext(model=model, features=feats, projected=output, cls_hidden=cap["cls"],
-                                attn_inputs=dict(cap["attn"]), texts=texts, _project=project)
-            if k == 0:
-                return output[:, :0]
+            qk = {i: (c["q"], c["k"]) for i, c in cap["qk"].items() if "q" in c and "k" in c}
+            ctx = VisionContext(model=model, features=feats, cls_hidden=cap["cls"], attn_inputs=dict(cap["attn"]),
+                                texts=texts, _project=project, attn_qk=qk)
             with torch.no_grad():
-                new = self.reduce(ctx, k)
+                state["out"] = self.reduce(ctx, k)
+            return (feats[:, :0], *args[1:])
+
+        def replace_output(module, args, output):
+            if state["inner"] or state["out"] is None:
+                return None
+            new, state["out"] = state["out"], None
             if tuple(new.shape) != (output.shape[0], k, output.shape[2]):
                 raise MethodError(f"method {self.name!r} returned {tuple(new.shape)}, expected "
                                   f"{(output.shape[0], k, output.shape[2])}")
             return new.to(output.dtype)
 
+        handles.append(projector.register_forward_pre_hook(reduce_input))
         handles.append(projector.register_forward_hook(replace_output))
         try:
             yield self
@@ -481,20 +432,12 @@ class TextGuidedReducer(ReducerMethod):
         if getattr(self, "_clip", None) is None:
             spec, tok = self.hparams.get("text_tower"), self.hparams.get("text_tokenizer")
             if isinstance(spec, str):
-                from transformers import AutoTokenizer, CLIPModel
-
-                from dop.models import resolve_path  # "tiny_clip_text" -> dop/assets/tiny_clip_text
-
                 clip = CLIPModel.from_pretrained(resolve_path(spec)).eval()
                 tok = AutoTokenizer.from_pretrained(resolve_path(tok if isinstance(tok, str) else spec)) \
                     if not callable(tok) else tok
             else:
                 clip = spec
-                if isinstance(tok, str):
-                    from transformers import AutoTokenizer
-
-                    from dop.models import resolve_path
-
+                if isinstance(tok, str):  # "tiny_clip_text" -> dop/assets/tiny_clip_text
                     tok = AutoTokenizer.from_pretrained(resolve_path(tok))
             self._clip, self._clip_tok = clip, tok
         return self._clip, self._clip_tok

@@ -4,9 +4,10 @@
    ``inputs_embeds``): per sample, ``m = softmax_text(V T^T).mean(over V)`` with V the visual rows and
    T the instruction rows (everything after the image); raters are the rows with ``m > mean(m)``.
 2. At each pruning layer ``l`` (``[2, 6, 15]`` of 32, scaled to depth like PyramidDrop), the raters'
-   attention of layer ``l`` (recomputed from its q/k on its input), head-mean, then mean over
-   raters, scores the visual rows still present; the top ``count_s`` stay. As in the v1 code the
-   pruning layer itself runs on all rows and its *outputs* are pruned: rows leave from ``l + 1``.
+   attention of layer ``l`` (read from the keys layer ``l`` computes itself, ``ctx.watch_attention``),
+   head-mean, then mean over raters, scores the visual rows still present; the top ``count_s`` stay.
+   As in the v1 code the pruning layer itself runs on all rows and its *outputs* are pruned: rows
+   leave from ``l + 1`` (decided at the start of layer ``l + 1``).
 3. Counts per stage are the v1.5 schedules per budget (``schedules``, written for the LLaVA-1.5 image
    of ``reference_tokens`` visual tokens), scaled by
    ``n_img / reference_tokens`` per sample on other models and rounded.
@@ -40,11 +41,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dop import flops
 from dop.engine.baselines.base import (
     Method,
     MethodError,
     last_rows,
-    num_layers_of,
     scale_layers,
     topk_rows,
     uniform_schedule,
@@ -53,18 +54,33 @@ from dop.ops import INSTRUCTION, VISION
 
 
 def text_raters(hidden: torch.Tensor, vision: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: per sample, the text rows most relevant to its visual rows (SparseVLM step 1)."""
-    raters = torch.zeros_like(text)
-    for b in range(hidden.shape[0]):
-        v, t = hidden[b, vision[b]].float(), hidden[b, text[b]].float()
-        if len(v) == 0 or len(t) == 0:
-            continue
-        m = (v @ t.T).softmax(dim=1).mean(dim=0)
-        idx = text[b].nonzero()[:, 0]
-        raters[b, idx[m > m.mean()]] = True
-        if not raters[b].any():  # all equal: every text row rates
-            raters[b, idx] = True
-    return raters
+    """(B, T) bool: per sample, the text rows most relevant to its visual rows (SparseVLM step 1).
+
+    Batched: each sample's visual and text rows are gathered into padded blocks (one host sync for
+    their sizes); padding is masked out of the softmax and the means."""
+    B, T, D = hidden.shape
+    n_v, n_t = vision.sum(1), text.sum(1)
+    size_v, size_t = torch.stack([n_v.max(), n_t.max()]).tolist()  # the block sizes are data dependent
+    v_idx, v_ok = _padded_rows(vision, size_v)
+    t_idx, t_ok = _padded_rows(text, size_t)
+    ext = torch.cat([hidden, hidden.new_zeros(B, 1, D)], dim=1).float()
+    v = ext.gather(1, v_idx.unsqueeze(-1).expand(-1, -1, D))
+    t = ext.gather(1, t_idx.unsqueeze(-1).expand(-1, -1, D))
+    p = (v @ t.transpose(1, 2)).masked_fill(~t_ok[:, None, :], float("-inf")).softmax(dim=-1)
+    m = (p * v_ok[..., None]).sum(1) / n_v.clamp(min=1)[:, None]  # mean over the visual rows
+    mean = (m * t_ok).sum(1, keepdim=True) / n_t.clamp(min=1)[:, None]
+    rates = (m > mean) & t_ok
+    rates = torch.where(rates.any(dim=1, keepdim=True), rates, t_ok)  # all equal: every text row rates
+    rates &= ((n_v > 0) & (n_t > 0))[:, None]
+    return torch.zeros(B, T + 1, dtype=torch.bool, device=hidden.device).scatter(1, t_idx, rates)[:, :T]
+
+
+def _padded_rows(mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, size) ascending positions of each sample's ``mask`` rows, padded with T, and their validity."""
+    B, T = mask.shape
+    pos = torch.arange(T, device=mask.device).expand(B, T)
+    idx = torch.where(mask, pos, torch.full_like(pos, T)).sort(dim=1).values[:, :size]
+    return idx, idx < T
 
 
 def rater_scores(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -77,12 +93,9 @@ def rater_scores(probs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _query_index(raters: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, Q) rater rows padded with each sample's last row, and (B, Q) 1/0 weights (0 = padding)."""
-    rows = [r.nonzero()[:, 0] for r in raters]
-    Q = max(1, max(len(r) for r in rows))
-    last = last_rows(valid)[:, 0]
-    index = torch.stack([torch.cat([r, last[b].repeat(Q - len(r))]) for b, r in enumerate(rows)])
-    weight = torch.stack([torch.arange(Q) < len(r) for r in rows]).to(valid.device)
-    return index, weight
+    size = max(1, int(raters.sum(1).max()))  # the query count is data dependent: one host sync
+    index, weight = _padded_rows(raters, size)
+    return torch.where(weight, index, last_rows(valid)), weight
 
 
 def recycled_clusters(candidates: int) -> int:
@@ -113,16 +126,45 @@ def density_peak_clusters(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
 
 class _SparseVLMSelector:
+    """At a pruning layer, watches the raters' attention while the layer runs; at the next layer's
+    start drops the rows its outputs lose and merges the recycled ones on those outputs."""
+
     def __init__(self, stages: list[tuple[int, int]], reference_tokens: int, recycle: bool = True) -> None:
         self.stages, self.ref, self.recycle = dict(stages), reference_tokens, recycle
         self.raters = self.n_img = None
-        self.pending: tuple[int, torch.Tensor] | None = None  # (layer, candidate rows) to recycle there
+        # (layer the stage prunes from, probe of the pruning layer, rater weights, candidate rows, count)
+        self.pending: tuple[int, Any, torch.Tensor, torch.Tensor, int] | None = None
 
-    def _recycle(self, ctx) -> None:
-        """Merge the candidates on this layer's input (the pruning layer's outputs); centres stay."""
-        _, cand = self.pending
+    def before_layer(self, ctx) -> None:
+        if ctx.layer_idx == 0:
+            vision = ctx.groups[VISION]
+            self.n_img = vision.sum(dim=1)
+            self.raters = text_raters(ctx.hidden, vision, ctx.groups[INSTRUCTION])
+        if self.pending is not None and self.pending[0] == ctx.layer_idx:
+            self._prune(ctx)
+        count = self.stages.get(ctx.layer_idx)
+        if count is None:
+            return
+        allowed = ctx.groups[VISION] & ctx.keep("kv")
+        instruction = ctx.groups[INSTRUCTION]
+        raters = torch.where(self.raters.any(dim=1, keepdim=True), self.raters, instruction)  # per sample
+        qi, weight = _query_index(raters, ctx.valid)
+        self.pending = (ctx.layer_idx + 1, ctx.watch_attention(qi), weight, allowed, count)
+
+    def _prune(self, ctx) -> None:
+        """The stage of the previous layer: its outputs (this layer's input) lose the dropped rows; the
+        best-scored dropped rows are merged there (recycling), each cluster's centre row stays."""
+        _, probe, weight, allowed, count = self.pending
         self.pending = None
+        score = rater_scores(probe.probs, weight)
+        dropped = allowed & ~topk_rows(score, allowed, scaled_counts(count, self.n_img, self.ref))
+        if not self.recycle:
+            ctx.drop(dropped)
+            return
+        cand = topk_rows(score, dropped, recycled_candidates(dropped.sum(1)))
+        ctx.drop(dropped & ~cand)
         merged, hosts = ctx.hidden.clone(), torch.zeros_like(cand)
+        # per sample: the candidate and cluster counts differ between samples (DPC-kNN on each set)
         for b in range(cand.shape[0]):
             idx = cand[b].nonzero()[:, 0]
             if len(idx) == 0:
@@ -135,32 +177,19 @@ class _SparseVLMSelector:
         ctx.drop(cand & ~hosts)
         ctx.replace(hosts, merged)
 
-    def before_layer(self, ctx) -> None:
-        if ctx.layer_idx == 0:
-            vision = ctx.groups[VISION]
-            self.n_img = vision.sum(dim=1)
-            self.raters = text_raters(ctx.hidden, vision, ctx.groups[INSTRUCTION])
-        if self.pending is not None and self.pending[0] == ctx.layer_idx:
-            self._recycle(ctx)
-        count = self.stages.get(ctx.layer_idx)
-        if count is None:
-            return
-        allowed = ctx.groups[VISION] & ctx.keep("kv")
-        instruction = ctx.groups[INSTRUCTION]
-        raters = torch.where(self.raters.any(dim=1, keepdim=True), self.raters, instruction)  # per sample
-        qi, weight = _query_index(raters, ctx.valid)
-        score = rater_scores(ctx.attention_probs(qi), weight)
-        counts = [scaled_count(count, int(n), self.ref) for n in self.n_img.tolist()]
-        dropped = allowed & ~topk_rows(score, allowed, counts)
-        if self.recycle:  # the best-scored dropped rows wait one layer to be merged (on its outputs)
-            cand = topk_rows(score, dropped, [recycled(int(d))[0] for d in dropped.sum(1).tolist()])
-            self.pending = (ctx.layer_idx + 1, cand)
-            dropped = dropped & ~cand
-        ctx.drop(dropped, from_layer=ctx.layer_idx + 1)
-
 
 def scaled_count(count: int, n_img: int, reference_tokens: int) -> int:
     return min(n_img, int(round(count * n_img / reference_tokens)))
+
+
+def scaled_counts(count: int, n_img: torch.Tensor, reference_tokens: int) -> torch.Tensor:
+    """``scaled_count`` per sample on a tensor (float64 and round-half-even, as Python's ``round``)."""
+    return torch.minimum(n_img, torch.round(count * n_img.double() / reference_tokens).long())
+
+
+def recycled_candidates(dropped: torch.Tensor) -> torch.Tensor:
+    """``recycled(d)[0]`` per sample on a tensor: top 30% + 1 of the ``d`` dropped rows (0 if none)."""
+    return torch.where(dropped > 0, torch.floor(dropped.double() * 0.3).long() + 1, 0)
 
 
 class SparseVLM(Method):
@@ -242,5 +271,5 @@ class SparseVLM(Method):
         return uniform_schedule(groups, num_layers, changes)
 
     def selectors(self, model: nn.Module, knob: Any) -> list[Any]:
-        return [_SparseVLMSelector(self.stages(num_layers_of(model), knob), self.hparams["reference_tokens"],
+        return [_SparseVLMSelector(self.stages(flops.num_layers(model), knob), self.hparams["reference_tokens"],
                                    bool(self.hparams["recycle"]))]

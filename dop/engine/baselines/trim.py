@@ -60,16 +60,18 @@ _LLAVA_ONLY_WHY = ("; TRIM scores patches against the question in CLIP's joint i
 
 def trim_scores(patch_embeds: torch.Tensor, text_embeds: list[torch.Tensor]) -> torch.Tensor:
     """(n, N) softmax over patches of the negated patch-text cosine (first text segment)."""
-    sim = torch.stack([p @ t[0] for p, t in zip(patch_embeds, text_embeds, strict=True)])
+    text = torch.stack([t[0] for t in text_embeds])  # (n, P): each image's sample's first segment
+    sim = (patch_embeds @ text.unsqueeze(-1)).squeeze(-1)
     return torch.softmax(-sim.float(), dim=-1)
 
 
 def trim_tokens(features: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, k, C) = top k-1 patches (spatial order) + the mean of the others; and their indices."""
     idx = topk_sorted(scores, k - 1)
-    kept = features.gather(1, idx.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+    C = features.shape[-1]
+    kept = features.gather(1, idx.unsqueeze(-1).expand(-1, -1, C))
     rest = complement(idx, features.shape[1])
-    pooled = torch.stack([features[b, rest[b]].mean(0) for b in range(len(features))]).unsqueeze(1)
+    pooled = features.gather(1, rest.unsqueeze(-1).expand(-1, -1, C)).mean(1, keepdim=True)
     return torch.cat([kept, pooled], dim=1), idx
 
 

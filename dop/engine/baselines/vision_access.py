@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.vision_utils import get_vision_window_index
 
 from dop.engine.baselines.base import MethodError
 from dop.ops import VISION
@@ -94,8 +95,6 @@ def group_order(model: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
     un-permutes its merger output (``window_index``)."""
     visual = _visual(model)
     if model.config.model_type == "qwen2_5_vl":
-        from transformers.vision_utils import get_vision_window_index
-
         index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
                                            window_size=visual.window_size, patch_size=visual.patch_size)
         return index.to(grid_thw.device)
@@ -103,11 +102,13 @@ def group_order(model: nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
 
 
 def received_attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S,) attention each row receives (mean over heads and query rows) and (S, C) pre-rotary keys,
-    recomputed with ``attn.qkv`` on the block's attention input ``x`` (S, C), all rows one image."""
+                       chunk: int = 256, qkv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) attention each row receives (mean over heads and query rows) and (S, C) pre-rotary keys
+    from the block's ``attn.qkv`` of its attention input ``x`` (S, C), all rows one image: ``qkv``
+    (S, 3C) when the block's own projection was captured, else projected here."""
     S = x.shape[0]
-    q, k, _ = attn.qkv(x).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    qkv = attn.qkv(x) if qkv is None else qkv
+    q, k, _ = qkv.reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     keys = k.reshape(S, -1)
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     q, k = rotary(q, k, cos, sin)
@@ -120,8 +121,11 @@ def received_attention(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin:
 
 
 def image_tokens(model: nn.Module, pooled: torch.Tensor, grid_thw: torch.Tensor, attn_input: torch.Tensor,
-                 position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> list[ImageTokens]:
-    """Per image: merger output, received-attention score and keys (``ImageTokens``)."""
+                 position_embeddings: tuple[torch.Tensor, torch.Tensor], qkv: torch.Tensor | None = None
+                 ) -> list[ImageTokens]:
+    """Per image: merger output, received-attention score and keys (``ImageTokens``); ``qkv``: the score
+    block's own ``qkv`` output over all images' rows (not projected again). Images have different
+    sizes, so the received attention runs image by image."""
     visual = _visual(model)
     attn = visual.blocks[score_block_index(model)].attn
     unit = int(visual.spatial_merge_size) ** 2
@@ -129,7 +133,8 @@ def image_tokens(model: nn.Module, pooled: torch.Tensor, grid_thw: torch.Tensor,
     patches = grid_thw.prod(-1).tolist()
     scores, keys, lo = [], [], 0
     for n in patches:  # the tower's row order keeps each image's rows together
-        s, kk = received_attention(attn, attn_input[lo:lo + n], cos[lo:lo + n], sin[lo:lo + n])
+        s, kk = received_attention(attn, attn_input[lo:lo + n], cos[lo:lo + n], sin[lo:lo + n],
+                                   qkv=None if qkv is None else qkv[lo:lo + n])
         scores.append(s.view(-1, unit).sum(-1))
         keys.append(kk.float().view(-1, unit, kk.shape[-1]).mean(1))
         lo += n
@@ -170,6 +175,7 @@ class QwenVisualReducer:
         self._handles = [
             self.model.model.register_forward_pre_hook(self._check_call, with_kwargs=True),
             block.attn.register_forward_pre_hook(self._grab_attn, with_kwargs=True),
+            block.attn.qkv.register_forward_hook(self._grab_qkv),
             visual.register_forward_hook(self._reduce, with_kwargs=True),
         ]
         return self
@@ -189,6 +195,9 @@ class QwenVisualReducer:
         self._cap["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         self._cap["pos"] = kwargs["position_embeddings"]
 
+    def _grab_qkv(self, module, args, output) -> None:  # the block's own projection: not repeated
+        self._cap["qkv"] = output
+
     def _reduce(self, module, args, kwargs, output):
         grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
         pooled = output.pooler_output
@@ -200,7 +209,7 @@ class QwenVisualReducer:
             return None
         new = pooled.clone()
         with torch.no_grad():
-            images = image_tokens(self.model, pooled, grid, self._cap["x"], self._cap["pos"])
+            images = image_tokens(self.model, pooled, grid, self._cap["x"], self._cap["pos"], self._cap.get("qkv"))
             lo = 0
             for img, n in zip(images, sizes, strict=True):
                 if self.k < n:

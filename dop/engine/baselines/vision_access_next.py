@@ -71,9 +71,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from dop.engine.baselines.base import MethodError
 from dop.engine.baselines.vision_access import ImageTokens, QwenVisualReducer
+from dop.engine.baselines.vision_context import VisionContext, feature_layer_index, tower_layers
 
 NEXT_MODEL_TYPES = ("llava_next",)
 
@@ -118,8 +120,6 @@ def image_samples(model: nn.Module, input_ids: torch.Tensor, image_sizes: Any) -
     ``image_size_to_num_patches``, its rows from transformers' packing, ``packing_map``, both as in
     ``get_image_features``); each sample's placeholders are its images' rows, images in batch order.
     Nothing in the prompt changes."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
     cfg = model.config
     vc = cfg.vision_config
     if image_sizes is None:
@@ -177,15 +177,15 @@ class NextVisualReducer(QwenVisualReducer):
         self.packing: list[PackedRows] = []
 
     def __enter__(self) -> NextVisualReducer:
-        from dop.engine.baselines.reducer import _tower_layers, feature_layer_index
-
         inner = self.model.model
         if "pack_image_features" in inner.__dict__:
             raise MethodError(f"method {self.name!r}: a reducer is already installed on this model")
-        layer = _tower_layers(self.model)[feature_layer_index(self.model)]
+        layer = tower_layers(self.model)[feature_layer_index(self.model)]
         self._handles = [
             inner.register_forward_pre_hook(self._check_call, with_kwargs=True),
             layer.self_attn.register_forward_pre_hook(self._grab_attn, with_kwargs=True),
+            layer.self_attn.q_proj.register_forward_hook(self._grab_projection("q")),
+            layer.self_attn.k_proj.register_forward_hook(self._grab_projection("k")),
             inner.multi_modal_projector.register_forward_pre_hook(self._grab_features),
         ]
         original = inner.pack_image_features
@@ -208,6 +208,11 @@ class NextVisualReducer(QwenVisualReducer):
 
     def _grab_attn(self, module, args, kwargs) -> None:
         self._cap["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def _grab_projection(self, which: str):  # the tower's own q/k projections: not repeated
+        def hook(module, args, output) -> None:
+            self._cap[which] = output
+        return hook
 
     def _grab_features(self, module, args) -> None:
         self._cap["features"] = args[0]
@@ -243,8 +248,6 @@ class NextVisualReducer(QwenVisualReducer):
 
     def _reduce(self, image_features: list[torch.Tensor], image_sizes: Any, packed: list[torch.Tensor]
                 ) -> list[torch.Tensor]:
-        from dop.engine.baselines.reducer import VisionContext, feature_layer_index
-
         crops = [int(f.shape[0]) for f in image_features]
         patches = int(image_features[0].shape[1])
         self.packing = packing_map(self.model, crops, image_sizes, patches, packed[0].device)
@@ -257,7 +260,8 @@ class NextVisualReducer(QwenVisualReducer):
         with torch.no_grad():
             layer = feature_layer_index(self.model)
             vctx = VisionContext(model=self.model, features=self._cap["features"], projected=torch.cat(image_features),
-                                 cls_hidden=None, attn_inputs={layer: self._cap["x"]})
+                                 cls_hidden=None, attn_inputs={layer: self._cap["x"]},
+                                 attn_qk={layer: (self._cap["q"], self._cap["k"])})
             keys = vctx.keys(layer)  # (crops, H, 1+N, hd)
             ctx = {"score": vctx.cls_attention(layer).mean(dim=1), "features": self._cap["features"],
                    "keys": keys.transpose(1, 2).reshape(keys.shape[0], keys.shape[2], -1)}

@@ -45,6 +45,7 @@ from dop.engine.baselines.reducer import (
     scaled_layer,
     topk_sorted,
 )
+from dop.engine.baselines.vision_context import tower_layers
 
 
 def split_budget(k: int, dominant_ratio: float) -> tuple[int, int]:
@@ -54,38 +55,42 @@ def split_budget(k: int, dominant_ratio: float) -> tuple[int, int]:
 
 def contextual_merge(rest: torch.Tensor, rest_metric: torch.Tensor, contextual: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets (c,) (uniform stride over ``rest``) and their (c, C) merged tokens: each other token
-    joins its most metric-similar target; target = its token + mean of the joined ones."""
+    """Targets (c,) (uniform stride over the ``R`` rows of ``rest`` (..., R, C)) and their (..., c, C)
+    merged tokens: each other token joins its most metric-similar target; target = its token + mean
+    of the joined ones. Leading dims (images) are batched: every image has the same ``R``."""
+    R = rest.shape[-2]
     m = rest_metric / rest_metric.norm(dim=-1, keepdim=True)
-    step = max(1, len(rest) // contextual)
-    targets = torch.arange(0, len(rest), step, device=rest.device)[:contextual]
-    is_t = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
-    is_t[targets] = True
-    assign = (m[~is_t] @ m[targets].T).argmax(dim=-1)
-    onehot = torch.nn.functional.one_hot(assign, len(targets)).to(rest.dtype)  # (others, c)
-    counts = onehot.sum(0).clamp(min=1).unsqueeze(-1)
-    return targets, rest[targets] + onehot.T @ rest[~is_t] / counts
+    step = max(1, R // contextual)
+    targets = torch.arange(0, R, step, device=rest.device)[:contextual]
+    is_t = torch.zeros(R, dtype=torch.bool)
+    is_t[targets.cpu()] = True
+    others = (~is_t).nonzero()[:, 0].to(rest.device)  # from R and the stride only: no device sync
+    assign = (m[..., others, :] @ m[..., targets, :].transpose(-1, -2)).argmax(dim=-1)
+    onehot = torch.nn.functional.one_hot(assign, len(targets)).to(rest.dtype)  # (..., others, c)
+    counts = onehot.sum(-2).clamp(min=1).unsqueeze(-1)
+    return targets, rest[..., targets, :] + onehot.transpose(-1, -2) @ rest[..., others, :] / counts
 
 
 def visionzip_tokens(hidden: torch.Tensor, cls_attention: torch.Tensor, metric: torch.Tensor,
                      dominant: int, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, dominant+contextual, C) tokens and (n, dominant-1) kept patch indices (0-based patches).
 
-    ``hidden`` (n, 1+N, C) with [CLS] first, ``cls_attention`` (n, heads, N), ``metric`` (n, 1+N, c)."""
+    ``hidden`` (n, 1+N, C) with [CLS] first, ``cls_attention`` (n, heads, N), ``metric`` (n, 1+N, c).
+    All images at once: each has ``dominant`` dominant rows and ``1+N-dominant`` others."""
     n, T, C = hidden.shape
     score = cls_attention.sum(dim=1)
     top = score.argsort(dim=-1, descending=True, stable=True)[:, :max(dominant - 1, 0)] + 1
     chosen = torch.cat([top.new_zeros(n, 1), top], dim=1)[:, :dominant]
-    is_dom = torch.zeros(n, T, dtype=torch.bool, device=hidden.device)
-    is_dom.scatter_(1, chosen, True)
-    out = []
-    for b in range(n):
-        dom = hidden[b][is_dom[b]]
-        rest, rest_metric = hidden[b][~is_dom[b]], metric[b][~is_dom[b]]
-        if contextual > 0 and len(rest):
-            dom = torch.cat([dom, contextual_merge(rest, rest_metric, contextual)[1]], dim=0)
-        out.append(dom)
-    return torch.stack(out), (chosen[:, 1:] - 1).sort(dim=-1).values
+    dom_rows, rest_rows = chosen.sort(dim=-1).values, complement(chosen, T)  # ascending, as a boolean mask
+    tokens = _rows(hidden, dom_rows)
+    if contextual > 0 and rest_rows.shape[1]:
+        merged = contextual_merge(_rows(hidden, rest_rows), _rows(metric, rest_rows), contextual)[1]
+        tokens = torch.cat([tokens, merged], dim=1)
+    return tokens, (chosen[:, 1:] - 1).sort(dim=-1).values
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def visionzip_rows(tokens: torch.Tensor, score: torch.Tensor, metric: torch.Tensor, dominant: int,
@@ -108,9 +113,7 @@ class VisionZip(ReducerMethod):
     defaults: ClassVar[dict] = {"dominant_ratio": 54 / 64, "key_layer": 22, "key_layer_of": 24}
 
     def key_layer(self, model) -> int:
-        from dop.engine.baselines.reducer import _tower_layers
-
-        return scaled_layer(int(self.hparams["key_layer"]), int(self.hparams["key_layer_of"]), len(_tower_layers(model)))
+        return scaled_layer(int(self.hparams["key_layer"]), int(self.hparams["key_layer_of"]), len(tower_layers(model)))
 
     def attn_layers(self, model) -> list[int]:
         return [feature_layer_index(model), self.key_layer(model)]

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dop.engine.baselines.base import Method, MethodError, check_int, num_layers_of, uniform_schedule
+from dop import flops
+from dop.divergence import kl_per_sample, scored_logits
+from dop.engine.baselines.base import Method, MethodError, check_int, uniform_schedule
 from dop.ops import VISION
 
 
@@ -76,7 +78,7 @@ class VTW(Method):
         return uniform_schedule(groups, num_layers, {K: {VISION: 0}} if K < num_layers else {})
 
     def selectors(self, model: nn.Module, knob: Any) -> list[Any]:
-        K = self._K(knob, num_layers_of(model))
+        K = self._K(knob, flops.num_layers(model))
         return [_WithdrawSelector(K)]
 
     def candidates(self, num_layers: int) -> list[int]:
@@ -87,12 +89,10 @@ class VTW(Method):
     def kl_curve(self, model: nn.Module, batches: Sequence[Any], candidates: Sequence[int] | None = None
                  ) -> dict[int, float]:
         """Mean KL(full || withdrawn from K) over the samples of ``batches`` (``CalibrationBatch``)."""
-        from dop.divergence import kl_per_sample, scored_logits
-
         if not batches:
             raise MethodError("vtw: find_k needs at least one calibration batch")
         device = next(model.parameters()).device
-        ks = list(candidates) if candidates is not None else self.candidates(num_layers_of(model))
+        ks = list(candidates) if candidates is not None else self.candidates(flops.num_layers(model))
         dense = [torch.log_softmax(scored_logits(model, b, device)[0].float(), dim=-1) for b in batches]
         curve = {}
         for K in ks:
@@ -112,4 +112,4 @@ class VTW(Method):
         depth (no withdrawal) when none is."""
         curve = self.kl_curve(model, batches, candidates)
         K = shallowest_below(curve, float(self.hparams["kl_threshold"]))
-        return (num_layers_of(model) if K is None else K), curve
+        return (flops.num_layers(model) if K is None else K), curve
