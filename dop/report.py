@@ -8,8 +8,10 @@ Rows are (method, budget), dense first; columns are benchmarks (each at its head
 ``conf/benchmark``), then ``Avg`` (mean over the row's benchmarks) and ``% dense`` (mean over
 benchmarks of value / dense value, the usual way pruning papers compare methods on mixed scales).
 When the store holds baselines (records with a matched knob, ``dop.engine.baselines.budget``), the table
-also shows each row's prefill TFLOPs (dop convention), the method's knob and its FLOPs in its own
-paper's convention.
+also shows each row's prefill TFLOPs (dop convention; the mean over the evaluated samples, each
+resolved at its own budget), the method's knob (the most frequent one) and its FLOPs in its own
+paper's convention. Rows run at a baseline's published knob (``budget.match=nominal``) are flagged
+``<method> (nominal)`` beside the equal-TFLOPs row, with their true TFLOPs.
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ def build_table(records: Iterable[Record], metrics: Mapping[str, str] | None = N
     for r in records:
         if chosen.get(r.benchmark) != r.metric:
             continue
-        k = (r.model, r.method, r.budget_kind, r.budget_value)
-        row = rows.setdefault(k, Row(r.model, r.method, r.budget_kind, r.budget_value))
+        method = f"{r.method} (nominal)" if (r.extra or {}).get("match") == "nominal" else r.method
+        k = (r.model, method, r.budget_kind, r.budget_value)
+        row = rows.setdefault(k, Row(r.model, method, r.budget_kind, r.budget_value))
         row.values[r.benchmark] = float(r.value)
         if r.tflops is not None:
             row.tflops = float(r.tflops)

@@ -65,7 +65,7 @@ class Record:
     policy_hash: str | None = None  # Policy.digest(); None for dense
     budget_kind: str | None = None  # ratio | tflops | tokens; None for dense
     budget_value: float | None = None
-    tflops: float | None = None  # prefill TFLOPs of one sample under the policy (dop convention)
+    tflops: float | None = None  # prefill TFLOPs, the mean over the evaluated samples (dop convention)
     equivalent_tokens: float | None = None  # visual tokens kept in every layer at the same FLOPs
     samples: int | None = None
     prefill_latency_s: float | None = None

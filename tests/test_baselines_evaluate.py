@@ -1,11 +1,14 @@
 """Baselines through `dop stage=evaluate` and the lmms-eval plugin, with stand-in methods.
 
-Records land with TFLOPs <= budget; simple_evaluate under a method == dop's own scoring loop;
-bad input (unknown method, unreachable budget, a model lacking what a method needs) fails first.
+Records land with every sample's TFLOPs <= its own budget (knobs resolved per sample); simple_evaluate
+under a method == dop's own scoring loop; bad input (unknown method, a budget unreachable on the
+sample prompt, a model lacking what a method needs) fails first; samples unreachable during the run
+are named; budget.match=nominal runs the published knob beside the matched one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from stage_configs import compose_cfg, with_nodes  # noqa: E402
 
 from dop.engine.baselines import MethodError  # noqa: E402
 from dop.evaluation import scoring  # noqa: E402
+from dop.evaluation.per_sample import sample_shapes  # noqa: E402
 from dop.evaluation.plugin import DopLMM  # noqa: E402
 from dop.evaluation.tasks import TASK_NAME, write_task_dir  # noqa: E402
 from dop.results import ResultsStore  # noqa: E402
@@ -55,21 +59,55 @@ def _cfg(root, model_dir, data, method, budget, run="run", results="results", po
 
 def test_stage_records_each_budget_at_or_below_it(env):
     root, model_dir, data = env
-    cfg = _cfg(root, model_dir, data, {"name": "standin_fastv", "layer": 1}, {"kind": "ratio", "values": [0.9, 0.7]})
+    cfg = _cfg(root, model_dir, data, {"name": "standin_fastv", "layer": 1}, {"kind": "ratio", "values": [0.9, 0.75]})
     out = stage.run(cfg)
     recs = sorted(ResultsStore(root / "results").records(method="standin_fastv"), key=lambda r: -r.budget_value)
-    assert [(r.budget_kind, r.budget_value) for r in recs] == [("ratio", 0.9), ("ratio", 0.7)]
+    assert [(r.budget_kind, r.budget_value) for r in recs] == [("ratio", 0.9), ("ratio", 0.75)]
     for r in recs:
-        assert r.tflops * 1e12 <= r.extra["budget_tflops"] * 1e12 * (1 + 1e-12)
-        assert r.extra["knob_name"] == "keep" and isinstance(r.extra["knob"], int)
+        flops = r.extra["per_sample_flops"]
+        assert flops["n"] == 2 and flops["over_budget"] == 0 and flops["unreachable"] == 0
+        # every sample at most its own share; the record's TFLOPs the mean of the samples'
+        assert flops["max_share"] <= r.budget_value + 1e-12 and r.tflops == flops["mean_tflops"]
+        assert r.tflops <= r.extra["budget_tflops"] * (1 + 1e-12)
+        assert r.extra["knob_name"] == "keep" and sum(flops["knobs"].values()) == 2
+        assert all(isinstance(json.loads(k), int) for k in flops["knobs"])
         assert r.extra["paper_convention"] == "fastv" and 0 < r.extra["paper_tflops"] < r.tflops
-        assert r.extra["hparams"] == {"layer": 1} and f"knob={r.extra['knob']}" in r.extra["model_args"]
+        assert r.extra["hparams"] == {"layer": 1} and f"budget=ratio:{r.budget_value:g}" in r.extra["model_args"]
+        assert r.extra["match"] == "flops"
         assert r.equivalent_tokens is not None and r.policy_hash and r.samples == 2
-        assert r.prefill_latency_s > 0
-    assert recs[0].extra["knob"] > recs[1].extra["knob"] and len(out["records"]) == 2
+        lat = r.extra["prefill_latency"]
+        assert r.prefill_latency_s > 0 and lat["n"] == 2 and lat["min"] <= r.prefill_latency_s <= lat["max"]
+    assert recs[0].extra["per_sample_flops"]["mean_share"] > recs[1].extra["per_sample_flops"]["mean_share"]
+    assert len(out["records"]) == 2
     assert (root / "run" / "samples" / "standin_fastv_ratio_0.9" / "dop_synthetic.jsonl").is_file()
     # rerun: the cells are in the store
     assert stage.run(cfg)["records"] == []
+
+
+def test_samples_unreachable_during_the_run_are_named(env):
+    root, model_dir, data = env
+    # reachable on the sample prompt, but not on every synthetic question (longer instructions)
+    cfg = _cfg(root, model_dir, data, {"name": "standin_fastv", "layer": 1}, {"kind": "ratio", "values": [0.7]},
+               run="run_unreach", results="results_unreach")
+    with pytest.raises(RuntimeError, match=r"synthetic \(standin_fastv at ratio=0.7\): 1 of 2 samples unreachable"):
+        stage.run(cfg)
+    (r,) = ResultsStore(root / "results_unreach").records()
+    assert r.extra["per_sample_flops"]["unreachable"] == 1 and r.extra["per_sample_flops"]["max_share"] > 0.7
+
+
+def test_nominal_rows_beside_the_matched_ones(env):
+    root, model_dir, data = env
+    cfg = _cfg(root, model_dir, data, {"name": "standin_firstk"}, {"kind": "tokens", "values": [8], "match": "both"},
+               run="run_both", results="results_both")
+    stage.run(cfg)
+    recs = {r.extra["match"]: r for r in ResultsStore(root / "results_both").records()}
+    assert set(recs) == {"flops", "nominal"} and recs["flops"].policy_hash != recs["nominal"].policy_hash
+    assert recs["nominal"].extra["knob"] == 8  # the published knob: keep 8 of 16 tokens
+    assert recs["flops"].extra["knob"] == 8 and recs["flops"].tflops == pytest.approx(recs["nominal"].tflops)
+    paths = report_stage.execute(load(ReportStage, compose_cfg(root / "report_both",
+                                                               f"paths.results_dir={root / 'results_both'}")))
+    md = Path(paths["markdown"]).read_text()
+    assert "standin_firstk (nominal)" in md and "| standin_firstk |" in md
 
 
 def test_stage_pre_llm_method_at_token_budgets_then_report(env):
@@ -152,7 +190,10 @@ def test_plugin_model_args_select_a_baseline(env):
     lm = DopLMM.create_from_arg_string(f"pretrained={model_dir},method=standin_firstk,knob=4")
     assert lm.method == "standin_firstk" and lm.knob == 4 and isinstance(lm.baseline, StandInFirstK)
     lm = DopLMM.create_from_arg_string(f"pretrained={model_dir},method=standin_firstk,budget=tokens:8")
-    assert lm.knob == 8 and lm.match.tflops > 0
+    assert lm.knob is None and lm.resolver.matcher.budget.value == 8  # the knob is resolved per sample
+    image = synthetic_dataset(n=1)["test"][0]["image"]
+    (shape,) = sample_shapes(lm.model, lm.processor, [[image]], [scoring.build_prompt(lm.processor, "what ?")])
+    assert lm.resolver.resolve(shape).knob == 8
     with pytest.raises(ValueError, match="valid methods: dense, policy, .*standin_fastv"):
         DopLMM.create_from_arg_string(f"pretrained={model_dir},method=nope")
     with pytest.raises(ValueError, match="exactly one of knob"):

@@ -26,7 +26,7 @@ GOLDEN = Path(__file__).parent / "golden"
 LLAMA7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
 PROMPT = {"system": 35, "vision": 576, "instruction": 100}
 # knob per method on the 4-layer tiny models (16 visual tokens in tiny LLaVA, 4-6 in tiny Qwen2-VL)
-KNOBS = {"fastv": 5, "pdrop": (1, 1.0), "sparsevlm": 128, "dart": 8, "vtw": 2}
+KNOBS = {"fastv": 5, "pdrop": (1, 0.5), "sparsevlm": 128, "dart": 8, "vtw": 2}
 # tiny Qwen2-VL has 4-6 visual tokens: DART's 4 visual pivots alone would keep them all
 HPARAMS = {("dart", "qwen2_vl"): {"pivot_image_tokens": 1, "pivot_text_tokens": 1}}
 KNOBS_BY_FAMILY = {("dart", "qwen2_vl"): 2}
@@ -318,10 +318,19 @@ def test_fastv_flops_fastv_convention():
 def test_pdrop_default_schedule_flops_and_reachability():
     pdrop = get_method("pdrop")
     assert pdrop.paper_convention == "pdrop"
-    assert pdrop.stages(32, (8, 1.0)) == [(8, 0.5), (16, 0.25), (24, 0.125)]
-    assert round(flops(pdrop, (8, 1.0), "pdrop"), 3) == 1.777
-    assert round(flops(pdrop, [8, 1.0], "pdrop"), 3) == 1.777  # a knob read back from JSON/YAML
-    assert pdrop.stages(32, (2, 1.0))[0][0] == 2 and pdrop.stages(4, (1, 1.0)) == [(1, 0.5), (2, 0.25), (3, 0.125)]
+    assert pdrop.stages(32, (8, 0.5)) == pdrop.stages(32, None) == [(8, 0.5), (16, 0.25), (24, 0.125)]
+    assert round(flops(pdrop, (8, 0.5), "pdrop"), 3) == 1.777
+    assert round(flops(pdrop, [8, 0.5], "pdrop"), 3) == 1.777  # a knob read back from JSON/YAML
+    assert pdrop.stages(32, (2, 0.5)) == [(2, 0.5), (12, 0.25), (22, 0.125)]
+    assert pdrop.stages(4, (1, 0.5)) == [(1, 0.5), (2, 0.25), (3, 0.125)]
+    assert pdrop.stages(32, (1, 0.3)) == [(1, 0.3), (11, 0.09), (22, 0.027)]  # 1 + round(8 * 31/24), ...; lam^s
+    # the family: the paper's lam at every first layer (latest first), harder lam only from layer 1
+    values = pdrop.knob_values(PROMPT, 32)
+    assert values[:3] == [(8, 1.0), (8, 0.99), (8, 0.98)] and values[-1] == (1, 0.01)
+    assert (8, 0.5) in values and (7, 0.5) in values and (1, 0.05) in values
+    assert not any(f > 1 and lam < 0.5 for f, lam in values)
+    with pytest.raises(MethodError, match="geometric"):
+        get_method("pdrop", ratio_list=[0.5, 0.3, 0.1])
     budget64 = flops_for_tokens(LLAMA7B, PROMPT, 64)
     paper_layers = get_method("pdrop", first_layers=[8])
     cheapest = min(flops(paper_layers, k, "dop") for k in paper_layers.knob_values(PROMPT, 32))
@@ -331,7 +340,12 @@ def test_pdrop_default_schedule_flops_and_reachability():
 
 def test_sparsevlm_and_dart_and_vtw_schedules():
     sparse = get_method("sparsevlm")
-    assert sparse.knob_values(PROMPT, 32) == [192, 128, 96, 64]
+    values = sparse.knob_values(PROMPT, 32)
+    assert values[0] == (192, 1.0) and all((k, 1.0) in values for k in (192, 128, 96, 64))
+    # scaled rows: every count times the scale, rounded
+    assert sparse.stages(32, (128, 0.5)) == [(2, 152), (6, 55), (15, 18)] and sparse.stages(32, 128) == [
+        (2, 303), (6, 110), (15, 36)]
+    assert sparse.nominal_knob(128, PROMPT, 32) == 128 and sparse.nominal_knob(640, PROMPT, 32, 1, 2880) == 128
     kept = kept_tokens_per_layer(32, PROMPT, schedule=sparse.schedule(PROMPT, 32, 192))
     # outputs of layers 2, 6, 15 pruned; + recycled clusters: 276 dropped -> 83 candidates -> 9 tokens,
     # then 309 - 200 = 109 -> 33 -> 4, then 204 - 110 = 94 -> 29 -> 3

@@ -79,8 +79,6 @@ def test_stage_runs_a_policy_with_a_front_end(env):
     pytest.importorskip("dop.engine")
     import json
 
-    from dop.flops import count_flops
-    from dop.models import load_model
     from dop.policy import Policy
 
     root, model_dir, data = env
@@ -89,9 +87,9 @@ def test_stage_runs_a_policy_with_a_front_end(env):
     Policy(n_v=3).to_yaml(pdir / "tokens_3.yaml")
     out = stage.run(_cfg(root, model_dir, data, policy=str(pdir), run="run_nv"))
     (rec,) = [r for r in ResultsStore(root / "results").records(method="dop") if r.budget_kind == "tokens"]
-    model, _ = load_model(str(model_dir))
-    groups = rec.extra["groups"]
-    assert out["records"] and rec.tflops == pytest.approx(count_flops(model.config, {**groups, "vision": 3}) / 1e12)
+    flops = rec.extra["per_sample_flops"]  # per sample: its own groups with 3 visual rows kept
+    assert out["records"] and flops["n"] == 4 and rec.tflops == flops["mean_tflops"]
+    assert flops["mean_equivalent_tokens"] == pytest.approx(3) and flops["max_share"] < 1
     stage.run(_cfg(root, model_dir, data, None, "run_vp", "results", "method=vispruner",
                    "method.important_ratio=0.5", "budget=tokens", "budget.values=[3]"))
 

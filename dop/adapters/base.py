@@ -7,6 +7,8 @@ in no group (design.md §3).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -108,6 +110,18 @@ class Adapter:
         system = valid & ~seen & has_vision
         instruction = valid & ~vision & ~system
         return {SYSTEM: system, VISION: vision, INSTRUCTION: instruction}
+
+    # --- token budgets ---------------------------------------------------------------------------
+    def budget_units(self, image_sizes: Sequence[tuple[int, int]]) -> float:
+        """How many times a token budget's ``k`` a sample with images of these (height, width)
+        sizes gets: one per image (a ``k``-token budget keeps ``k`` tokens' worth per image)."""
+        return float(len(image_sizes))
+
+    @property
+    def reference_rows(self) -> int | None:
+        """The visual rows of the input a token budget's ``k`` is stated for (LLaVA-1.5: one image,
+        576 on the 7B), or None where the count depends on the image (Qwen-VL)."""
+        return None
 
     def check_inputs(self, kwargs: dict) -> None:
         """Fail early, naming the field, when a prefill's inputs cannot be grouped or run."""

@@ -26,8 +26,16 @@ from lmms_eval.api.model import lmms
 from dop.budget import parse_budgets
 from dop.engine.baselines import Method, get_method
 from dop.engine.baselines import known_methods as baseline_names
-from dop.engine.baselines.budget import match_budget
+from dop.engine.baselines.budget import SampleMatcher
 from dop.evaluation import scoring
+from dop.evaluation.per_sample import (
+    BaselineResolver,
+    FixedResolver,
+    Resolution,
+    Resolver,
+    SampleFlops,
+    sample_shapes,
+)
 from dop.models import load_model
 from dop.policy import Policy
 
@@ -76,11 +84,18 @@ class DopLMM(lmms):
     model_args: ``pretrained`` (a ``load_model`` name or path), ``policy`` (a policy YAML),
     ``method`` (``dense`` | ``policy`` | a baseline name from ``dop.engine.baselines``; default: ``policy``
     when a policy is given), ``knob`` (the baseline's knob value, e.g. kept tokens), or ``budget``
-    (``tokens:128``, ``ratio:0.3``, ``tflops:3.4``: the knob is matched to it on a sample prompt),
+    (``tokens:128``, ``ratio:0.3``, ``tflops:3.4``: the knob is matched to it per sample, on each
+    sample's own group sizes; ``match=nominal``: the published knob for a token count instead),
     ``batch_size``, ``dtype``, ``attn_implementation``, ``device``, ``system_prompt`` (the model's
-    system prompt when its chat template lacks one: LLaVA's vicuna_v1, ``conf/model``). In-process,
-    ``method`` may be a ``dop.engine.baselines.Method`` instance (hyper-parameters kept). ``meter``
-    holds the mean tokens per group of the prompts served since its last ``reset``.
+    system prompt when its chat template lacks one: LLaVA's vicuna_v1, ``conf/model``), ``latency_samples``
+    (time a batch-1 prefill of the first N requests). In-process, ``method`` may be a ``dop.engine.baselines.Method``
+    instance (hyper-parameters kept) and ``resolver`` any ``dop.evaluation.per_sample.Resolver``
+    (the evaluate stage's per-sample DOP policies).
+
+    Per sample: every batch is resolved row by row (``Resolver.resolve`` on the row's group sizes and
+    images, cached per shape); rows that resolved alike run together, so a batch with several input
+    shapes runs as several smaller batches. ``samples`` keeps one ``SampleFlops`` per request and
+    ``latency`` one ``{seconds, peak_memory_bytes, ...}`` per timed request.
     """
 
     def __init__(
@@ -96,9 +111,12 @@ class DopLMM(lmms):
         device: str | None = "cpu",
         max_batch_size: int | None = None,
         system_prompt: str | None = None,
+        match: str = "flops",
+        latency_samples: int | str = 0,
         *,
         model: Any = None,
         processor: Any = None,
+        resolver: Resolver | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -125,7 +143,7 @@ class DopLMM(lmms):
             raise ValueError(f"dop plugin: knob=/budget= are for baseline methods, not method={self.method}")
         if is_baseline and self.baseline is None:
             self.baseline = get_method(self.method)
-        if is_baseline and (knob is None) == (budget is None):
+        if is_baseline and (knob is None) == (budget is None) and resolver is None:
             raise ValueError(f"dop plugin: method={self.method} needs exactly one of knob=<value> or "
                              "budget=<kind>:<value> (e.g. budget=tokens:128)")
         if model is None:
@@ -136,31 +154,32 @@ class DopLMM(lmms):
         self.system_prompt = system_prompt or None
         self.meter = scoring.GroupMeter()
         self.knob = _parse_knob(knob)
-        self.match = None  # the budget match when budget= was given
         if self.baseline is not None:
             self.baseline.check_model(self.model)  # e.g. a CLIP text tower the model lacks: fail before running
-            if budget is not None:
-                self.match = self._match_budget(str(budget))
-                self.knob = self.match.knob
+        if resolver is None:
+            if self.baseline is not None and budget is not None:
+                (b,) = parse_budgets(str(budget))
+                resolver = BaselineResolver(SampleMatcher(self.baseline, self.model.config, b, str(match)))
+            else:
+                resolver = FixedResolver(self.model.config, self.active_policy, self.baseline, self.knob)
+        self.resolver = resolver
         self.pretrained = pretrained
         self.batch_size_per_gpu = int(batch_size) if batch_size not in (None, "auto") else 1
+        self.latency_samples = int(latency_samples or 0)
         # Wall time spent in model calls and the number of requests served (the stage records latency).
         self.stats: dict[str, float] = {"model_seconds": 0.0, "requests": 0}
+        self.samples: list[SampleFlops] = []  # one per request served, in order
+        self.latency: list[dict[str, Any]] = []  # one per timed request (the first ``latency_samples``)
 
     @classmethod
     def from_model(cls, model: Any, processor: Any, policy: Any = None, method: Any = None,
                    batch_size: int = 1, name: str = "in-process", knob: Any = None,
+                   resolver: Resolver | None = None, latency_samples: int = 0,
                    system_prompt: str | None = None) -> DopLMM:
         """Wrap an already loaded model (no second copy in memory)."""
         return cls(pretrained=name, policy=policy, method=method, knob=knob, batch_size=batch_size,
-                   model=model, processor=processor, system_prompt=system_prompt)
-
-    def _match_budget(self, spec: str):
-        """The knob for ``budget=<kind>:<value>`` on the stage's sample prompt (one image)."""
-        (budget,) = parse_budgets(spec)
-        sample = scoring.sample_inputs(self.model, self.processor, system=self.system_prompt)
-        groups = scoring.group_sizes(self.model, sample["input_ids"])
-        return match_budget(self.baseline, self.model.config, groups, budget)
+                   model=model, processor=processor, resolver=resolver, latency_samples=latency_samples,
+                   system_prompt=system_prompt)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DopLMM:
@@ -209,25 +228,63 @@ class DopLMM(lmms):
             until = [until] if isinstance(until, str) else list(until)
             key = (tuple(until), int(gen_kwargs.get("max_new_tokens", 128)))
             groups.setdefault(key, []).append(i)
+        if self.latency_samples > len(self.latency):
+            self._time_prefills([self._generation_inputs(req) for req in requests[: self.latency_samples]])
         for (until, max_new_tokens), idx in groups.items():
             for _, chunk in self._chunks(idx, self.batch_size):
                 prompts, images = [], []
                 for i in chunk:
-                    context, _, doc_to_visual, doc_id, task, split = requests[i].args
-                    ims = self._doc_images(doc_to_visual, doc_id, task, split)
+                    _, ims, prompt = self._generation_inputs(requests[i])
                     images.append(ims)
-                    prompts.append(scoring.build_prompt(self.processor, context, num_images=len(ims),
-                                                        system=self.system_prompt))
+                    prompts.append(prompt)
+                instructions = [requests[i].args[0] for i in chunk]
                 t0 = time.perf_counter()
-                texts = scoring.generate_texts(self.model, self.processor, images, prompts,
-                                               max_new_tokens=max_new_tokens, until=until,
-                                               policy=self.active_policy, method=self.baseline, knob=self.knob,
-                                               instructions=[requests[i].args[0] for i in chunk], meter=self.meter)
+                texts: list[str] = [""] * len(chunk)
+                for rows, res in self._resolve(images, prompts):
+                    out = scoring.generate_texts(self.model, self.processor, [images[r] for r in rows],
+                                                 [prompts[r] for r in rows], max_new_tokens=max_new_tokens,
+                                                 until=until, policy=res.policy, method=res.method, knob=res.knob,
+                                                 instructions=[instructions[r] for r in rows], meter=self.meter)
+                    for r, text in zip(rows, out):
+                        texts[r] = text
                 self.stats["model_seconds"] += time.perf_counter() - t0
                 self.stats["requests"] += len(chunk)
                 for i, text in zip(chunk, texts):
                     results[i] = text
         return [r if r is not None else "" for r in results]
+
+    def _generation_inputs(self, req: Instance) -> tuple[str, list[Any], str]:
+        """(question, images, prompt) of a generation request."""
+        context, _, doc_to_visual, doc_id, task, split = req.args
+        ims = self._doc_images(doc_to_visual, doc_id, task, split)
+        return context, ims, scoring.build_prompt(self.processor, context, num_images=len(ims),
+                                                   system=self.system_prompt)
+
+    def _resolve(self, images: list[list[Any]], prompts: list[str]) -> list[tuple[list[int], Resolution]]:
+        """The rows of one batch grouped by what they resolve to (first-seen order), each row's FLOPs
+        kept in ``samples``."""
+        shapes = sample_shapes(self.model, self.processor, images, prompts)
+        runs: dict[Any, tuple[list[int], Resolution]] = {}
+        for row, shape in enumerate(shapes):
+            res = self.resolver.resolve(shape)
+            self.samples.append(SampleFlops(shape, res))
+            runs.setdefault(res.key, ([], res))[0].append(row)
+        return list(runs.values())
+
+    def _time_prefills(self, items: list[tuple[str, list[Any], str]]) -> None:
+        """Batch-1 prefill latency and peak memory of the first ``latency_samples`` requests, each run
+        alone under what it resolves to (after one untimed warm-up run of the first)."""
+        todo = items[: self.latency_samples - len(self.latency)]
+        warm = int(bool(todo) and not self.latency)
+        for n, (question, ims, prompt) in enumerate(todo[:warm] + todo):
+            shape = sample_shapes(self.model, self.processor, [ims], [prompt])[0]
+            res = self.resolver.resolve(shape)
+            batch = scoring.encode(self.processor, [ims], [prompt], self.model.device, self.model.dtype)
+            seconds, peak = scoring.time_prefill(self.model, batch, policy=res.policy, method=res.method,
+                                                 knob=res.knob, instructions=[question])
+            if n >= warm:
+                self.latency.append({"seconds": seconds, "peak_memory_bytes": peak, "flops": res.flops,
+                                     "dense_flops": res.dense_flops, "label": res.label})
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
         """Per request ``(-sum log p(continuation | context, image), is_greedy)``.
@@ -239,29 +296,43 @@ class DopLMM(lmms):
         ``(float, bool)`` tuple into its string form.
         """
         out: list[GenerationResult | None] = [None] * len(requests)
+        if self.latency_samples > len(self.latency):
+            items = [self._loglikelihood_inputs(req) for req in requests[: self.latency_samples]]
+            self._time_prefills([(q, ims, ctx + cont) for q, ims, ctx, cont in items])
         for _, chunk in self._chunks(list(range(len(requests))), self.batch_size):
             contexts, continuations, images, questions = [], [], [], []
             for i in chunk:
-                args = tuple(requests[i].args)
-                # Unconditional (mutual-information) requests carry only (context, continuation).
-                context, target, doc_to_visual, doc_id, task, split = args + (None,) * (6 - len(args))
-                doc = self.task_dict[task][split][doc_id] if task in self.task_dict else None
-                continuation = target if isinstance(target, str) else target(doc)
-                ims = self._doc_images(doc_to_visual, doc_id, task, split)
+                question, ims, context, continuation = self._loglikelihood_inputs(requests[i])
                 images.append(ims)
-                contexts.append(scoring.build_prompt(self.processor, context, num_images=len(ims),
-                                                     system=self.system_prompt))
-                questions.append(str(context))
-                continuations.append(str(continuation))
+                contexts.append(context)
+                questions.append(question)
+                continuations.append(continuation)
             t0 = time.perf_counter()
-            scores = scoring.continuation_logprobs(self.model, self.processor, images, contexts, continuations,
-                                                   policy=self.active_policy, method=self.baseline, knob=self.knob,
-                                                   instructions=questions, meter=self.meter)
+            scores: list[tuple[float, bool]] = [(0.0, False)] * len(chunk)
+            full = [c + k for c, k in zip(contexts, continuations)]
+            for rows, res in self._resolve(images, full):
+                got = scoring.continuation_logprobs(self.model, self.processor, [images[r] for r in rows],
+                                                    [contexts[r] for r in rows], [continuations[r] for r in rows],
+                                                    policy=res.policy, method=res.method, knob=res.knob,
+                                                    instructions=[questions[r] for r in rows], meter=self.meter)
+                for r, score in zip(rows, got):
+                    scores[r] = score
             self.stats["model_seconds"] += time.perf_counter() - t0
             self.stats["requests"] += len(chunk)
             for i, (logprob, greedy) in zip(chunk, scores):
                 out[i] = GenerationResult(text=(-logprob, greedy))  # type: ignore[arg-type]
         return out  # type: ignore[return-value]
+
+    def _loglikelihood_inputs(self, req: Instance) -> tuple[str, list[Any], str, str]:
+        """(question, images, context prompt, continuation) of a log-likelihood request."""
+        args = tuple(req.args)
+        # Unconditional (mutual-information) requests carry only (context, continuation).
+        context, target, doc_to_visual, doc_id, task, split = args + (None,) * (6 - len(args))
+        doc = self.task_dict[task][split][doc_id] if task in self.task_dict else None
+        continuation = target if isinstance(target, str) else target(doc)
+        ims = self._doc_images(doc_to_visual, doc_id, task, split)
+        prompt = scoring.build_prompt(self.processor, context, num_images=len(ims), system=self.system_prompt)
+        return str(context), ims, prompt, str(continuation)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("dop plugin: multi-round generation is not supported")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import string
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -125,6 +126,25 @@ def reduce_batch(model: Any, batch: Any, method: Any = None, knob: Any = None, p
     if policy is not None and policy.n_v is not None:
         return reduce_inputs(model, batch, policy)
     return batch
+
+
+@torch.inference_mode()
+def time_prefill(model: Any, batch: Any, *, policy: Any = None, method: Any = None, knob: Any = None,
+                 instructions: Sequence[str] | None = None) -> tuple[float, int | None]:
+    """(seconds, peak CUDA memory in bytes or None on CPU) of one prefill forward of an encoded
+    batch under a policy or a baseline (its ``reduce_inputs`` timed too), synchronised on CUDA."""
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(model.device)
+    t0 = time.perf_counter()
+    prepared = reduce_batch(model, batch, method, knob, policy, instructions)
+    with running(model, policy, method, knob):
+        model(**prepared)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return seconds, int(torch.cuda.max_memory_allocated(model.device)) if cuda else None
 
 
 def cut_at_stops(text: str, until: Sequence[str]) -> str:

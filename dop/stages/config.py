@@ -47,6 +47,13 @@ class PathsConfig:
 class BudgetConfig:
     kind: str
     values: list[float]
+    # flops: each baseline's knob matched to every sample's budget; nominal: its published knob for the
+    # token count (the literature's rows, recorded with their true TFLOPs); both: one row of each.
+    # Optional (default flops) so a whole budget node given in code, an experiment or a model's
+    # `budgets:` stays valid.
+    match: Literal["flops", "nominal", "both"] = "flops"
+    # tflops budgets: the prompt the values were stated for (a sample gets the same share of its own dense)
+    reference_groups: dict[str, float] | None = None
 
 
 @dataclass
@@ -357,6 +364,7 @@ class EvaluateStage:
     overwrite: bool
     fail_on_error: bool
     eval_batch_size: int | None
+    latency_samples: int
 
     @property
     def budgets(self) -> list[Budget]:
@@ -418,6 +426,7 @@ class PipelineStage:
     overwrite: bool
     fail_on_error: bool
     eval_batch_size: int | None
+    latency_samples: int
 
     def search_stage(self, run_dir: str) -> SearchStage:
         """The search of this pipeline, linked into (or, without a search store, living in) ``run_dir``."""
@@ -434,7 +443,7 @@ class PipelineStage:
                              paths=dataclasses.replace(self.paths, run_dir=run_dir), logger=self.logger,
                              device=self.device, num_threads=self.num_threads, overwrite=self.overwrite,
                              fail_on_error=self.fail_on_error and method is None,
-                             eval_batch_size=self.eval_batch_size)
+                             eval_batch_size=self.eval_batch_size, latency_samples=self.latency_samples)
 
     def report_stage(self, run_dir: str, report_filter: dict[str, Any]) -> ReportStage:
         return ReportStage(paths=dataclasses.replace(self.paths, run_dir=run_dir), logger=self.logger, policy=None,
@@ -545,9 +554,13 @@ def baseline_method_config(name: str, model: ModelConfig | None = None) -> Basel
 
 def budgets_of(budget: BudgetConfig) -> list[Budget]:
     try:
-        return parse_budgets({"kind": budget.kind, "values": budget.values})
+        budgets = parse_budgets({"kind": budget.kind, "values": budget.values})
     except BudgetError as err:
         raise ConfigError(f"budget: {err}") from None
+    if budget.match != "flops" and budgets[0].kind != "tokens":
+        raise ConfigError(f"budget.match={budget.match} runs baselines at their published knob for a token count: "
+                          f"it needs budget=tokens, got budget={budgets[0].kind}")
+    return budgets
 
 
 def benchmarks_of(benchmark: BenchmarkConfig, check: bool = True) -> list[Benchmark]:

@@ -202,9 +202,10 @@ def _header(job: SweepJob, conf: SearchStage, problem: SearchProblem, solver: st
                                "dense_flops": problem.cost.dense, "fingerprint": job.reference.fingerprint,
                                "solver": solver, "objective": conf.method.objective, "seed": conf.seed,
                                "calibration": calibration_record(job), "flops_groups": dict(problem.groups),
-                               "budgets": {}}
+                               "budgets": {},
+                               "sweep_store": str(job.store.root)}  # the curves, for per-sample re-solves
     if problem.nv_curve:
-        results["n_v"] = {"reducer": job.reducer,
+        results["n_v"] = {"reducer": job.reducer, "full": job.nv_full,
                           "curve": {str(v): k for v, k in sorted(problem.nv_curve.items())}}
     return results
 

@@ -52,6 +52,17 @@ class Method:
         """Per-layer group sizes at this knob (all of q, kv and mlp see the same rows)."""
         raise NotImplementedError
 
+    def nominal_knob(self, tokens: float, groups: Mapping[str, int], num_layers: int, images: int = 1,
+                     reference_rows: float | None = None) -> Any:
+        """The knob the literature runs this method at for ``tokens`` visual tokens in a sample of
+        ``images`` images (``budget.match=nominal``): for a kept-token knob, ``tokens`` kept (per image
+        for a pre-LLM method, whose knob is per image). ``reference_rows``: the visual rows ``tokens``
+        is stated of (e.g. 2880 on LLaVA-NeXT), for methods whose published knobs are shares."""
+        if self.knob != "keep":
+            raise MethodError(f"method {self.name!r} has no published {self.knob} for a token count")
+        per = tokens / max(images, 1) if self.kind == "pre_llm" else tokens
+        return int(round(per))
+
     def flops(self, text_config: Any, groups: Mapping[str, int], knob: Any, convention: str = "dop") -> float:
         num_layers = text_shape(text_config).num_layers  # configs or plain dicts
         return count_flops(text_config, groups=groups, schedule=self.schedule(groups, num_layers, knob),

@@ -16,21 +16,42 @@ equal TFLOPs::
 
 A budget no knob reaches raises ``MethodError`` naming the nearest reachable budget in the unit the
 user gave (TFLOPs, ratio of dense, or equivalent visual tokens).
+
+Per evaluated sample (``SampleMatcher``, used by the evaluation plugin): a budget is resolved on each
+sample's own group sizes (``sample_budget_flops``): a ratio is a share of that sample's dense prefill,
+a TFLOPs value a share too (of the dense prefill of ``reference_groups``, the prompt the value was
+stated for), and ``k`` tokens are ``k`` times the sample's budget units (one per image; on LLaVA-NeXT
+its crops over the most crops an image can have, ``dop.adapters``) in equal-FLOPs terms. The knob is
+matched there (``match=flops``) or set to the method's published knob for that token count
+(``match=nominal``, ``Method.nominal_knob``), cached per input shape.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from dop.budget import Budget
 from dop.engine.baselines import get_method
 from dop.engine.baselines.base import Method, MethodError
-from dop.flops import count_flops, equivalent_tokens, flops_for_tokens, num_layers
+from dop.flops import (
+    TextShape,
+    count_flops,
+    equivalent_tokens,
+    flops_breakdown,
+    flops_for_tokens,
+    num_layers,
+    text_shape,
+)
 
-__all__ = ["Match", "budget_to_flops", "knob_flops", "match_budget", "method_flops", "resolve_method"]
+__all__ = ["MATCH_MODES", "Match", "SampleMatcher", "budget_to_flops", "knob_flops", "match_budget", "method_flops",
+           "nominal_match", "resolve_method", "sample_budget_flops"]
+
+MatchMode = Literal["flops", "nominal"]
+MATCH_MODES: tuple[str, ...] = ("flops", "nominal")
 
 
 @dataclass(frozen=True)
@@ -47,6 +68,8 @@ class Match:
     budget: Budget | None = None
     next_flops: float | None = None  # the cheapest knob above the budget (None: every knob fits)
     equivalent_tokens: float | None = None  # visual tokens kept in all layers at the same FLOPs
+    reachable: bool = True  # False: no knob fits; the cheapest one runs (per-sample matching only)
+    mode: str = "flops"  # flops: matched to the budget; nominal: the published knob for the token count
 
     @property
     def tflops(self) -> float:
@@ -66,6 +89,7 @@ class Match:
             "equivalent_tokens": self.equivalent_tokens,
             "budget_kind": None if self.budget is None else self.budget.kind,
             "budget_value": None if self.budget is None else self.budget.value,
+            "reachable": self.reachable, "match": self.mode,
         }
 
 
@@ -104,13 +128,30 @@ def _plain(node: Any) -> Any:
 
 
 def method_flops(method: Method, text_config: Any, groups: Mapping[str, int], knob: Any,
-                 convention: str = "dop") -> float:
+                 convention: str = "dop", images: int = 1) -> float:
     """The method's prefill cost at ``knob``: its own ``flops`` when it overrides it, else the schedule
-    through ``count_flops`` (with the prompt's groups, so the convention sees every group)."""
+    through ``count_flops`` (with the prompt's groups, so the convention sees every group).
+
+    ``images``: the sample's images. A pre-LLM method's knob is per image, so its schedule is taken at
+    ``knob * images`` visual rows (capped at the sample's): exact for images of one size (LLaVA-1.5),
+    an upper bound otherwise (each image keeps ``min(knob, its rows)``)."""
+    knob_rows = knob
+    if images > 1 and method.kind == "pre_llm" and isinstance(knob, (int, float)) and not isinstance(knob, bool):
+        knob_rows = int(knob) * images
     if type(method).flops is not Method.flops:
-        return float(method.flops(text_config, groups, knob, convention=convention))
-    schedule = method.schedule(groups, _num_layers(text_config), knob)
+        return float(method.flops(text_config, groups, knob_rows, convention=convention))
+    schedule = method.schedule(groups, _num_layers(text_config), knob_rows)
+    if convention == "dop":  # every op sees every group's rows: a sum of per-layer costs of the row count
+        shape = text_shape(text_config)
+        return float(sum(_dense_layer_flops(shape, sum(layer.values())) for layer in schedule))
     return float(count_flops(text_config, groups, schedule=schedule, convention=convention))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _dense_layer_flops(shape: TextShape, rows: int) -> float:
+    """One decoder layer's dop-convention cost with ``rows`` rows in every op (``count_flops``'s own
+    per-layer number; matching evaluates hundreds of schedules per input shape)."""
+    return flops_breakdown(shape, rows=[(rows, rows, rows)] * shape.num_layers).layers[0].total
 
 
 def _num_layers(text_config: Any) -> int:
@@ -119,12 +160,13 @@ def _num_layers(text_config: Any) -> int:
     return num_layers(text_config)
 
 
-def knob_flops(method: Method, text_config: Any, groups: Mapping[str, int]) -> list[tuple[Any, float]]:
+def knob_flops(method: Method, text_config: Any, groups: Mapping[str, int], images: int = 1
+               ) -> list[tuple[Any, float]]:
     """(knob, dop FLOPs) for every candidate knob, in the method's order."""
     values = list(method.knob_values(groups, _num_layers(text_config)))
     if not values:
         raise MethodError(f"method {method.name!r} has no knob values for groups {dict(groups)}")
-    return [(k, method_flops(method, text_config, groups, k)) for k in values]
+    return [(k, method_flops(method, text_config, groups, k, images=images)) for k in values]
 
 
 def budget_to_flops(budget: Budget, text_config: Any, groups: Mapping[str, int]) -> float:
@@ -150,13 +192,15 @@ def _in_unit(flops: float, budget: Budget | None, text_config: Any, groups: Mapp
 
 
 def match_budget(method: Method | str, text_config: Any, groups: Mapping[str, int],
-                 budget_flops: float | Budget, *, budget: Budget | None = None) -> Match:
+                 budget_flops: float | Budget, *, budget: Budget | None = None, images: int = 1,
+                 strict: bool = True) -> Match:
     """The knob whose dop-convention prefill FLOPs are the largest not above ``budget_flops``.
 
     ``budget_flops`` is FLOPs (not TFLOPs) or a ``Budget`` (converted for these ``groups``);
     ``budget`` names the user's unit for messages when FLOPs are given. Ties keep the first knob in
     the method's ``knob_values`` order. Raises ``MethodError`` when no knob fits, naming the nearest
-    reachable budget.
+    reachable budget (``strict=False``: the cheapest knob instead, with ``reachable=False``).
+    ``images``: the sample's images (a pre-LLM knob is per image, ``method_flops``).
     """
     method = resolve_method(method)
     groups = {str(g): int(n) for g, n in groups.items()}
@@ -164,8 +208,12 @@ def match_budget(method: Method | str, text_config: Any, groups: Mapping[str, in
         budget = budget_flops
         budget_flops = budget_to_flops(budget, text_config, groups)
     budget_flops = float(budget_flops)
-    table = knob_flops(method, text_config, groups)
+    table = knob_flops(method, text_config, groups, images)
     fits = [(k, f) for k, f in table if f <= budget_flops * (1 + 1e-12)]
+    reachable = bool(fits)
+    if not fits and not strict:
+        cheapest = min(f for _, f in table)
+        fits = [(k, f) for k, f in table if f == cheapest]
     if not fits:
         cheapest = min(f for _, f in table)
         asked = (f"{budget.kind}={budget.value:g}" if budget is not None else f"{budget_flops / 1e12:.4g} TFLOPs")
@@ -175,13 +223,93 @@ def match_budget(method: Method | str, text_config: Any, groups: Mapping[str, in
             f"nearest reachable budget is {_in_unit(cheapest, budget, text_config, groups)}")
     best_flops = max(f for _, f in fits)
     knob = next(k for k, f in fits if f == best_flops)
-    above = [f for _, f in table if f > budget_flops * (1 + 1e-12)]
+    above = [f for _, f in table if f > max(budget_flops, best_flops) * (1 + 1e-12)]
+    return _match(method, text_config, groups, knob, best_flops, budget_flops, budget, images,
+                  next_flops=min(above) if above else None, reachable=reachable)
+
+
+def _match(method: Method, text_config: Any, groups: Mapping[str, int], knob: Any, flops: float,
+           budget_flops: float, budget: Budget | None, images: int, **fields: Any) -> Match:
     paper_conv = method.paper_convention
-    paper = method_flops(method, text_config, groups, knob, convention=paper_conv) if paper_conv else None
+    paper = (method_flops(method, text_config, groups, knob, convention=paper_conv, images=images)
+             if paper_conv else None)
     try:
-        eq = equivalent_tokens(text_config, groups, best_flops) if groups.get("vision") is not None else None
+        eq = equivalent_tokens(text_config, groups, flops) if groups.get("vision") is not None else None
     except ValueError:  # a method that also cuts non-visual rows below their dense cost
         eq = None
-    return Match(knob=knob, flops=best_flops, paper_flops=paper, paper_convention=paper_conv,
+    return Match(knob=knob, flops=flops, paper_flops=paper, paper_convention=paper_conv,
                  budget_flops=budget_flops, method=method.name, knob_name=method.knob, budget=budget,
-                 next_flops=min(above) if above else None, equivalent_tokens=eq)
+                 equivalent_tokens=eq, **fields)
+
+
+# --- per evaluated sample ---------------------------------------------------------------------
+def sample_budget_flops(budget: Budget, text_config: Any, groups: Mapping[str, int], units: float = 1.0,
+                        reference_groups: Mapping[str, float] | None = None) -> float:
+    """The FLOPs ``budget`` allows one sample with these group sizes (dop convention).
+
+    ``ratio``: that share of the sample's dense prefill. ``tflops``: the same share of it as the value
+    is of the dense prefill of ``reference_groups`` (the prompt the value was stated for; without one the
+    value is absolute). ``tokens``: ``k * units`` visual tokens kept in every layer (``units``: the
+    sample's budget units, ``dop.adapters.Adapter.budget_units``)."""
+    dense = float(count_flops(text_config, groups, convention="dop"))
+    if budget.kind == "ratio":
+        return budget.value * dense
+    if budget.kind == "tflops":
+        if not reference_groups:
+            return budget.value * 1e12
+        reference = float(count_flops(text_config, reference_groups, convention="dop"))
+        return budget.value * 1e12 / reference * dense
+    return float(flops_for_tokens(text_config, groups, budget.value * units, convention="dop"))
+
+
+def nominal_match(method: Method | str, text_config: Any, groups: Mapping[str, int], budget: Budget, *,
+                  units: float = 1.0, images: int = 1, reference_rows: float | None = None) -> Match:
+    """The method at its published knob for a ``tokens`` budget (``Method.nominal_knob`` of ``k * units``
+    tokens), with its true FLOPs beside the sample's equal-FLOPs budget (``reachable``: whether they fit).
+    ``reference_rows``: the visual rows ``k`` is stated of (``dop.adapters.Adapter.reference_rows``)."""
+    method = resolve_method(method)
+    if budget.kind != "tokens":
+        raise MethodError(f"budget.match=nominal runs each baseline at its published knob for a token count: it "
+                          f"needs budget=tokens, got budget={budget.kind}")
+    groups = {str(g): int(n) for g, n in groups.items()}
+    tokens = budget.value * units
+    rows = reference_rows * units if reference_rows else None
+    knob = method.nominal_knob(tokens, groups, _num_layers(text_config), images=images, reference_rows=rows)
+    flops = method_flops(method, text_config, groups, knob, images=images)
+    budget_flops = sample_budget_flops(budget, text_config, groups, units)
+    return _match(method, text_config, groups, knob, flops, budget_flops, budget, images,
+                  reachable=flops <= budget_flops * (1 + 1e-12), mode="nominal")
+
+
+class SampleMatcher:
+    """A method's knob per sample at one budget, cached per input shape (group sizes, units, images).
+
+    ``match(groups, units, images)`` -> ``Match`` whose ``budget_flops`` is the sample's own budget
+    (``sample_budget_flops``). ``mode="flops"``: the knob with the most FLOPs not above it; a sample no
+    knob reaches runs at the cheapest knob with ``reachable=False`` (the caller names it).
+    ``mode="nominal"``: the published knob for the token count (``nominal_match``)."""
+
+    def __init__(self, method: Method, text_config: Any, budget: Budget, mode: MatchMode = "flops", *,
+                 reference_groups: Mapping[str, float] | None = None, reference_rows: float | None = None) -> None:
+        if mode not in MATCH_MODES:
+            raise MethodError(f"budget.match={mode!r} is not valid; valid: {', '.join(MATCH_MODES)}")
+        if mode == "nominal" and budget.kind != "tokens":
+            raise MethodError(f"budget.match=nominal needs budget=tokens (a published knob is for a token count), "
+                              f"got budget={budget.kind}")
+        self.method, self.text_config, self.budget, self.mode = method, text_config, budget, mode
+        self.reference_groups, self.reference_rows = reference_groups, reference_rows
+        self._cache: dict[tuple, Match] = {}
+
+    def match(self, groups: Mapping[str, int], units: float = 1.0, images: int = 1) -> Match:
+        groups = {str(g): int(n) for g, n in groups.items()}
+        key = (tuple(sorted(groups.items())), round(float(units), 9), int(images))
+        if key not in self._cache:
+            if self.mode == "nominal":
+                m = nominal_match(self.method, self.text_config, groups, self.budget, units=units, images=images,
+                                  reference_rows=self.reference_rows)
+            else:
+                target = sample_budget_flops(self.budget, self.text_config, groups, units, self.reference_groups)
+                m = replace(match_budget(self.method, self.text_config, groups, target, budget=self.budget,
+                                         images=images, strict=False), mode="flops")
+            self._cache[key] = m
+        return self._cache[key]

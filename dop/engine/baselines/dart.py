@@ -115,6 +115,11 @@ class DART(Method):
         step = self.hparams["pivot_image_tokens"] + self.hparams["pivot_text_tokens"]
         return list(range(0, int(groups.get(VISION, 0)) + step, step))
 
+    def nominal_knob(self, tokens: float, groups: Mapping[str, int], num_layers: int, images: int = 1,
+                     reference_rows: float | None = None) -> Any:
+        """DART's scripts set ``max_num_trunction`` to the token count (about that many rows kept)."""
+        return int(round(tokens))
+
     def schedule(self, groups: Mapping[str, int], num_layers: int, knob: Any) -> list[dict[str, int]]:
         keep = self.kept(int(groups.get(VISION, 0)), int(groups.get(INSTRUCTION, 0)), knob)
         return uniform_schedule(groups, num_layers, {self._K(num_layers): {VISION: keep}})

@@ -72,6 +72,10 @@ class InputResize(Method):
             raise MethodError(f"method 'resize' (input resizing) supports model types {list(MODEL_TYPES)} "
                               f"(Qwen2-VL, Qwen2.5-VL: any image size); got {mtype!r}")
 
+    def knob_values(self, groups: Mapping[str, int], num_layers: int) -> list[Any]:
+        """1..the visual rows: an image cannot shrink to no tokens (``reduce_inputs`` needs ``k >= 1``)."""
+        return list(range(1, int(groups.get(VISION, 0)) + 1))
+
     def schedule(self, groups: Mapping[str, int], num_layers: int, knob: Any) -> list[dict[str, int]]:
         k = min(check_int("knob (visual tokens)", knob, 0, method=self.name), int(groups.get(VISION, 0)))
         return uniform_schedule({**groups, VISION: k}, num_layers, {})

@@ -23,11 +23,18 @@
 Not implemented: v1's rank-adaptive counts, v2.0's RoPE de-biasing and head selection. Kept rows
 keep their original positions (v1/v1.5 truncate position ids).
 
-Knob: the budget name of a published schedule (192, 128, 96 or 64 layer-averaged visual tokens).
+Knob: a published schedule, by its budget name (192, 128, 96 or 64 layer-averaged visual tokens at
+576), or ``(name, scale)``: that schedule with every count multiplied by ``scale`` (rounded), the
+FLOPs-matched rows. Under dop's exact counter the labelled schedules cost more than their names
+(192/128/96/64 cost 207/147/115/83 equivalent tokens with recycling), so budget matching
+(``budget.match=flops``) scales a schedule down to the budget (``knob_values``: every labelled
+schedule at scales ``scale_step, 2 scale_step, ..., 1``), and ``budget.match=nominal`` runs the
+labelled one named by the token count (``nominal_knob``), each recorded with its true FLOPs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -191,7 +198,7 @@ class SparseVLM(Method):
     paper_convention = "fastv"
     defaults = {"version": "1.5", "pruning_layers": [2, 6, 15], "reference_layers": 32, "reference_tokens": 576,
                 "schedules": {192: [300, 200, 110], 128: [303, 110, 36], 96: [238, 48, 26], 64: [66, 30, 17]},
-                "recycle": True}
+                "recycle": True, "scale_step": 0.01}
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
@@ -207,19 +214,51 @@ class SparseVLM(Method):
             if len(counts) != len(layers) or any(c < 0 for c in counts) or counts != sorted(counts, reverse=True):
                 raise MethodError(f"sparsevlm: schedule {k} {counts} must have one non-increasing count >= 0 "
                                   f"per pruning layer {layers}")
+        step = self.hparams["scale_step"]
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
+            raise MethodError(f"sparsevlm: scale_step must be a number in (0, 1], got {step!r}")
         self.layers = layers
 
     def knob_values(self, groups: Mapping[str, int], num_layers: int) -> list[Any]:
-        return sorted(self.schedules, reverse=True)
+        """Every labelled schedule at every scale (distinct schedules only), largest first."""
+        step = float(self.hparams["scale_step"])
+        scales = sorted({round(i * step, 10) for i in range(1, int(math.floor(1 / step + 1e-9)) + 1)} | {1.0},
+                        reverse=True)
+        values, seen = [], set()
+        for label in sorted(self.schedules, reverse=True):
+            for scale in scales:
+                key = tuple(tuple(d.items()) for d in self.schedule(groups, num_layers, (label, scale)))
+                if key not in seen:
+                    seen.add(key)
+                    values.append((label, scale))
+        return values
+
+    def nominal_knob(self, tokens: float, groups: Mapping[str, int], num_layers: int, images: int = 1,
+                     reference_rows: float | None = None) -> Any:
+        """The labelled schedule named by ``tokens`` visual tokens of ``reference_rows`` (default: the
+        sample's visual rows), in counts of a ``reference_tokens`` image (LLaVA-NeXT: 640 of 2880 -> 128)."""
+        rows = float(reference_rows) if reference_rows else float(groups.get(VISION, 0))
+        label = round(tokens * self.hparams["reference_tokens"] / rows) if rows else 0
+        if label not in self.schedules:
+            raise MethodError(f"sparsevlm: no published schedule for {tokens:g} of {rows:g} visual tokens "
+                              f"({label} at {self.hparams['reference_tokens']}); published: {sorted(self.schedules)}")
+        return label
+
+    def _counts(self, knob: Any) -> list[int]:
+        label, scale = (knob, 1.0) if not isinstance(knob, (list, tuple)) else tuple(knob)
+        if label not in self.schedules:
+            raise MethodError(f"sparsevlm: no schedule for budget {label!r}; known: {sorted(self.schedules)}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+            raise MethodError(f"sparsevlm: schedule scale must be in (0, 1], got {scale!r}")
+        return [int(round(c * scale)) for c in self.schedules[label]]
 
     def stages(self, num_layers: int, knob: Any) -> list[tuple[int, int]]:
         """``[(layer whose outputs are pruned, visual tokens kept at reference_tokens), ...]``."""
-        if knob not in self.schedules:
-            raise MethodError(f"sparsevlm: no schedule for budget {knob!r}; known: {sorted(self.schedules)}")
+        counts = self._counts(knob)
         layers = scale_layers(self.layers, self.hparams["reference_layers"], num_layers, low=0, method=self.name)
         if layers[-1] + 1 >= num_layers:
             raise MethodError(f"sparsevlm: pruning layers {layers} leave no layer to prune on {num_layers} layers")
-        return list(zip(layers, self.schedules[knob]))
+        return list(zip(layers, counts))
 
     def schedule(self, groups: Mapping[str, int], num_layers: int, knob: Any) -> list[dict[str, int]]:
         n, ref = int(groups.get(VISION, 0)), self.hparams["reference_tokens"]

@@ -68,6 +68,11 @@ class VTW(Method):
     def knob_values(self, groups: Mapping[str, int], num_layers: int) -> list[Any]:
         return list(range(num_layers + 1))
 
+    def nominal_knob(self, tokens: float, groups: Mapping[str, int], num_layers: int, images: int = 1,
+                     reference_rows: float | None = None) -> Any:
+        """VTW has no token count: its published setting is K (15 of 32, scaled to the depth)."""
+        return self.default_k(num_layers)
+
     def schedule(self, groups: Mapping[str, int], num_layers: int, knob: Any) -> list[dict[str, int]]:
         K = self._K(knob, num_layers)
         return uniform_schedule(groups, num_layers, {K: {VISION: 0}} if K < num_layers else {})
