@@ -233,8 +233,10 @@ def plot_accuracy_vs_tflops(records: Sequence[Record], path: str | Path, benchma
         if method == "dense":
             ax.scatter(*zip(*pts), marker="*", s=120, zorder=3, label=label, color="black")
         else:
-            ax.plot(*zip(*pts), marker=markers[i % len(markers)], label=label, color=colors[i % len(colors)],
-                    linewidth=2.5 if method in ("dop", "dop_paper") else 1.5)
+            ours = method in ("dop", "dop_paper")  # DOP in a strong colour, drawn over the others
+            ax.plot(*zip(*pts), marker=markers[i % len(markers)], label=label,
+                    color="tab:red" if ours and not table.multi_model else colors[i % len(colors)],
+                    linewidth=3 if ours else 1.5, zorder=4 if ours else 2)
     ax.set_xlabel(f"prefill {table.unit or 'T'}FLOPs")
     ax.set_ylabel(benchmark or "average score")
     ax.grid(alpha=0.3)
