@@ -241,7 +241,7 @@ def summarize(found: dict[str, Any], records: list[dict[str, Any]], unreachable:
         cells = [method, "-" if kind is None else f"{kind} {value:g}", _fmt(amount, ".4g"), _fmt(share, ".1%"),
                  _fmt(entry["predicted_kl"] if entry else None, ".3g"),
                  _fmt(entry["measured_kl"] if entry else None, ".3g"),
-                 "-" if row["knob"] is None else str(row["knob"])]
+                 "-" if row["knob"] is None or method in METHOD_ORDER else str(row["knob"])]  # baselines' knobs
         cells += [_fmt(row.get(c), ".3f") for c in metric_cols]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [f"\nnot reached: {u}" for u in unreachable]
