@@ -90,4 +90,4 @@ def test_policy_heatmap_is_drawn_from_the_policy(tmp_path):
     png = policy_heatmap(depth, 4, groups, tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     title = heatmap_figure(depth, 4, groups).axes[0].get_title()
-    assert "ratio 0.5" in title and "48.0% of dense FLOPs" in title and "0.0100" in title and "0.0200" in title
+    assert "ratio 0.5" in title and "48.0% of dense FLOPs" in title and "KL predicted 0.01, measured 0.02" in title

@@ -24,7 +24,7 @@ Every batch is a function of (seed, step) only, so a run is deterministic on CPU
 
 Command (one torch thread; the README of the asset gives the time and the accuracy measured)::
 
-    OMP_NUM_THREADS=1 python -m dop.clip_text outputs/tiny_clip_text --steps 3500 --seed 0
+    OMP_NUM_THREADS=1 python -m dop.training.clip_text outputs/tiny_clip_text --steps 3500 --seed 0
     cp outputs/tiny_clip_text/* dop/assets/tiny_clip_text/       # keep the README
 """
 
@@ -330,10 +330,10 @@ def train(out_dir, cfg: ClipTextConfig | None = None, llava: str = "tiny_llava",
 
 
 def main(argv=None):
-    """``python -m dop.clip_text OUT_DIR [--steps N] [--seed S] [--batch-size B]``."""
+    """``python -m dop.training.clip_text OUT_DIR [--steps N] [--seed S] [--batch-size B]``."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m dop.clip_text", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m dop.training.clip_text", description=main.__doc__)
     ap.add_argument("out_dir")
     ap.add_argument("--steps", type=int, default=ClipTextConfig.steps)
     ap.add_argument("--seed", type=int, default=ClipTextConfig.seed)
