@@ -9,7 +9,9 @@ setup:
 run: setup
 	$(VENV)/bin/dop $(ARGS)
 
-test: setup
+test: setup  # lint (ruff, the import layers) first: a wrong-way import fails CI in seconds
+	$(VENV)/bin/ruff check dop tests scripts
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
 lint: setup

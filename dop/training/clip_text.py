@@ -30,6 +30,7 @@ Command (one torch thread; the README of the asset gives the time and the accura
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -38,12 +39,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from transformers import CLIPConfig, CLIPModel
 
 from dop.clip_tokenizer import clip_tokenizer
 from dop.data import synthetic as syn
+from dop.models import load_model
 from dop.training.tiny_llava import StepIndex
 
 log = logging.getLogger("dop.clip_text")
@@ -147,8 +152,6 @@ def _vision_tower(llava):
 def build_clip(llava, tokenizer, cfg: ClipTextConfig | None = None):
     """A ``CLIPModel`` whose vision side is a copy of the LLaVA tower (config and weights) and whose
     text side is freshly initialised (seeded by the caller) for ``tokenizer``."""
-    from transformers import CLIPConfig, CLIPModel
-
     cfg = cfg or ClipTextConfig()
     tower = _vision_tower(llava)
     vision = {k: v for k, v in tower.config.to_dict().items()
@@ -180,8 +183,6 @@ def text_embeds(clip, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
 
 
 def pixel_values(images: Sequence[np.ndarray], image_processor) -> torch.Tensor:
-    from PIL import Image
-
     return image_processor([Image.fromarray(im) for im in images], return_tensors="pt")["pixel_values"]
 
 
@@ -249,8 +250,6 @@ def lr_factor(step: int, cfg: ClipTextConfig) -> float:
 
 
 def make_module(cfg: ClipTextConfig, clip, tokenizer, image_processor):
-    import lightning as L
-
     class ClipTextModule(L.LightningModule):
         def __init__(self):
             super().__init__()
@@ -296,10 +295,6 @@ def train(out_dir, cfg: ClipTextConfig | None = None, llava: str = "tiny_llava",
     """Train the text tower against ``llava``'s frozen vision tower, ``save_pretrained`` the
     ``CLIPModel`` + tokenizer into ``out_dir`` with ``train_info.json``; returns that info
     (``evaluate``: with the retrieval accuracy on the 500 val and 1,000 test images of seed 0)."""
-    import lightning as L
-
-    from dop.models import load_model
-
     cfg = cfg or ClipTextConfig()
     torch.set_num_threads(int(cfg.num_threads))
     out = Path(out_dir)
@@ -331,8 +326,6 @@ def train(out_dir, cfg: ClipTextConfig | None = None, llava: str = "tiny_llava",
 
 def main(argv=None):
     """``python -m dop.training.clip_text OUT_DIR [--steps N] [--seed S] [--batch-size B]``."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m dop.training.clip_text", description=main.__doc__)
     ap.add_argument("out_dir")
     ap.add_argument("--steps", type=int, default=ClipTextConfig.steps)

@@ -23,9 +23,21 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import lightning
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
 from dop.data import synthetic as syn
 from dop.models import prepare_inputs
@@ -109,8 +121,6 @@ class TrainConfig:
 def build_processor(arch: TinyArch | None = None):
     """Word-level tokenizer + ``CLIPImageProcessorPil`` + ``LlavaProcessor`` with the chat template."""
     arch = arch or TinyArch()
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
     words = list(SPECIAL_TOKENS) + TEMPLATE_WORDS
     words += [w for w in syn.vocabulary(arch.grid) + SYSTEM_PROMPT.split() if w not in words]
@@ -134,8 +144,6 @@ def build_processor(arch: TinyArch | None = None):
 def build_tiny_llava(processor, arch: TinyArch | None = None, attn_implementation: str = "sdpa"):
     """A randomly initialised tiny ``LlavaForConditionalGeneration`` matching ``processor``."""
     arch = arch or TinyArch()
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
     tok = processor.tokenizer
     n_img = (arch.image_size // arch.patch_size) ** 2
     vcfg = CLIPVisionConfig(
@@ -194,8 +202,6 @@ def cell_targets(scenes: list[syn.Scene], arch: TinyArch) -> tuple[torch.Tensor,
 
 def batch_for_step(processor, step: int, cfg: TrainConfig) -> dict:
     """The training batch of a step: a pure function of (cfg.seed, step)."""
-    from PIL import Image
-
     qtypes, weights = step_qtypes(step, cfg)
     samples = [
         syn.make_sample(syn.sample_rng(cfg.seed, "stream", step * cfg.batch_size + i), qtypes, weights,
@@ -225,8 +231,6 @@ class StepIndex(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------ Lightning module
 def _lightning():
-    import lightning
-
     return lightning
 
 
@@ -323,8 +327,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 # ------------------------------------------------------------------ evaluation
 def quick_eval(model, processor, cfg: TrainConfig, n: int) -> float:
     """Accuracy on ``n`` generated val samples (no dataset on disk needed)."""
-    from PIL import Image
-
     rows = {"image": [], "question": [], "answer": [], "qtype": []}
     for i in range(n):
         s = syn.make_sample(syn.sample_rng(cfg.seed + 10_000, "val", i), grid=cfg.arch.grid,
