@@ -1,11 +1,17 @@
 """Lightning training of the embedded tiny MLLM (``dop/assets/tiny_llava``).
 
 Recipe (``tiny-model-notes.md``): stage 1 captions only (per-cell description and sorted object
-list, loss on every caption token); stage 2 QA with a share of captions mixed in, relational types
-twice as often; a training-only auxiliary head on each image token predicting its cell's colour and
-shape (dropped before saving, so the checkpoint is a plain ``LlavaForConditionalGeneration``);
-AdamW with a higher learning rate on the vision tower + projector, warmup, constant, linear decay
-over the last part, gradient clipping.
+list, loss on every caption token); stage 2 batches of one family each (``cfg.mix``): captions, the
+synthetic benchmark's own questions (relational types more often), and questions about the same
+scenes in the 13 lmms-eval benchmarks' prompt formats (``syn.make_task_sample``: the short-answer
+post-prompt, yes / no, option lists answered with the letter); a training-only auxiliary head on
+each image token predicting its cell's colour and shape (dropped before saving, so the checkpoint is
+a plain ``LlavaForConditionalGeneration``); AdamW with a higher learning rate on the vision tower +
+projector, warmup, constant, linear decay over the last part, gradient clipping.
+
+The tokenizer is word level (``word_tokenizer``): it folds capitals inside words, keeps a lone
+capital (option letters), splits punctuation off, and maps unknown words to ``<unk>``, so real
+benchmark prompts tokenize without surprises.
 
 Every batch is a function of (seed, global step) only (``batch_for_step``), so a run resumed from
 ``last.ckpt`` sees exactly the batches it would have seen uninterrupted.
@@ -18,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import string
 import time
 import warnings
 from collections import defaultdict
@@ -27,9 +35,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
 from dop.data import synthetic as syn
-from dop.models import prepare_inputs
+from dop.models import build_prompt, encode_prompts, prepare_inputs
 
 log = logging.getLogger("dop.train")
 
@@ -80,15 +99,23 @@ class TinyArch:
     max_positions: int = 256
 
 
+TASK_TEST_SAMPLES = 600  # held-out benchmark-format prompts scored after `dop stage=train` (200 per family)
+DEFAULT_MIX = {"caption": 0.15, "qa": 0.35, "short": 0.15, "yesno": 0.15, "choice": 0.2}
+BATCH_FAMILIES = ("caption", "qa", *syn.FAMILIES)
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
     steps: int = 6000
     stage1_steps: int = 800
     batch_size: int = 32
-    caption_mix: float = 0.3          # share of caption samples in stage 2
-    # stage-2 QA sampling weights, overriding syn.training_weights (relational types 2, others 1);
-    # exists x4 and right_of x3 is what made `exists` learnable (the shipped checkpoint)
+    # stage 2: share of batches per family (one family per batch, ``step_family``): captions, the
+    # synthetic benchmark's own questions (qa), and questions in the benchmarks' prompt formats
+    # (syn.FAMILIES: short answer, yes / no, multiple choice)
+    mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
+    # qa sampling weights, overriding syn.training_weights (relational types 2, others 1);
+    # exists x4 and right_of x3 is what made `exists` learnable
     qtype_weights: dict | None = field(default_factory=lambda: {"exists": 4.0, "right_of": 3.0})
     lr_lm: float = 1e-3
     lr_vision: float = 3e-3           # vision tower, projector, auxiliary heads
@@ -107,17 +134,36 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------ model + processor
-def build_processor(arch: TinyArch | None = None):
-    """Word-level tokenizer + ``CLIPImageProcessorPil`` + ``LlavaProcessor`` with the chat template."""
-    arch = arch or TinyArch()
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+def tokenizer_vocabulary(grid: int = 2) -> list[str]:
+    """The tiny model's words: special tokens first (``<image>`` = 4), the chat template's, the
+    synthetic benchmark's, then those of the benchmark prompt formats (``syn.task_vocabulary``)."""
+    words = list(SPECIAL_TOKENS) + TEMPLATE_WORDS + syn.vocabulary(grid) + SYSTEM_PROMPT.split()
+    return list(dict.fromkeys(words + syn.task_vocabulary(grid)))
 
-    words = list(SPECIAL_TOKENS) + TEMPLATE_WORDS
-    words += [w for w in syn.vocabulary(arch.grid) + SYSTEM_PROMPT.split() if w not in words]
-    words = list(dict.fromkeys(words))
+
+def word_tokenizer(words: list[str]) -> Tokenizer:
+    """A word-level ``tokenizers.Tokenizer`` that reads benchmark prompts the way
+    ``syn.prompt_words`` describes: a capital inside a word is lower-cased (one ``Replace`` per letter,
+    so ``Answer`` reads as ``answer``) but a capital standing alone is kept (the option letters
+    ``A``..``E`` are their own tokens, and an answer decodes as ``A``, which every multiple-choice
+    task's parser accepts; a lower-case ``a`` is not accepted by MMBench's or MMMU's); punctuation
+    other than ``_`` is split off (``phrase.`` -> ``phrase`` ``.``; ``top_left`` stays one word);
+    anything else is ``<unk>``."""
     tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.normalizer = normalizers.Sequence([
+        normalizers.Replace(Regex(f"(?<=[A-Za-z]){c}|{c}(?=[A-Za-z])"), c.lower()) for c in string.ascii_uppercase
+    ])
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[^\w\s]"), behavior="isolated"),
+    ])
+    return tk
+
+
+def build_processor(arch: TinyArch | None = None):
+    """Word-level tokenizer (``word_tokenizer``) + ``CLIPImageProcessorPil`` + ``LlavaProcessor``
+    with the chat template."""
+    arch = arch or TinyArch()
+    tk = word_tokenizer(tokenizer_vocabulary(arch.grid))
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"}, padding_side="left",
@@ -135,8 +181,6 @@ def build_processor(arch: TinyArch | None = None):
 def build_tiny_llava(processor, arch: TinyArch | None = None, attn_implementation: str = "sdpa"):
     """A randomly initialised tiny ``LlavaForConditionalGeneration`` matching ``processor``."""
     arch = arch or TinyArch()
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
     tok = processor.tokenizer
     n_img = (arch.image_size // arch.patch_size) ** 2
     vcfg = CLIPVisionConfig(
@@ -163,17 +207,40 @@ def build_tiny_llava(processor, arch: TinyArch | None = None, attn_implementatio
 
 
 # ------------------------------------------------------------------ batches
-def step_qtypes(step: int, cfg: TrainConfig) -> tuple[list[str], list[float]]:
-    """Question types and weights at a training step (stage 1: captions only)."""
+def step_family(step: int, cfg: TrainConfig) -> str:
+    """The family of a step's batch: captions in stage 1; then drawn from ``cfg.mix`` by (seed, step).
+    One family per batch, so short synthetic prompts are not padded to multiple-choice lengths."""
     if step < cfg.stage1_steps:
-        return list(syn.CAPTION_TYPES), [1.0, 1.0]
-    qa = list(syn.QA_TYPES)
-    w = np.asarray(syn.training_weights(qa), float)
+        return "caption"
+    unknown = set(cfg.mix) - set(BATCH_FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown batch families {sorted(unknown)} in mix; known: {BATCH_FAMILIES}")
+    names = [f for f in BATCH_FAMILIES if cfg.mix.get(f, 0) > 0]
+    w = np.asarray([float(cfg.mix[f]) for f in names])
+    return names[int(syn.sample_rng(cfg.seed, "family", step).choice(len(names), p=w / w.sum()))]
+
+
+def qa_weights(cfg: TrainConfig) -> list[float]:
+    """Sampling weights of ``syn.QA_TYPES`` in qa batches."""
+    w = syn.training_weights(syn.QA_TYPES)
     if cfg.qtype_weights:
-        w = np.asarray([float(cfg.qtype_weights.get(q, wq)) for q, wq in zip(qa, w)])
-    w = w / w.sum() * (1.0 - cfg.caption_mix)
-    caps = [cfg.caption_mix / len(syn.CAPTION_TYPES)] * len(syn.CAPTION_TYPES)
-    return qa + list(syn.CAPTION_TYPES), list(w) + caps
+        w = [float(cfg.qtype_weights.get(q, wq)) for q, wq in zip(syn.QA_TYPES, w)]
+    return w
+
+
+def step_samples(step: int, cfg: TrainConfig) -> list[dict]:
+    """The samples of a step's batch (``step_family``): a pure function of (cfg.seed, step)."""
+    family = step_family(step, cfg)
+    kw = {"grid": cfg.arch.grid, "image_size": cfg.arch.image_size}
+    first = step * cfg.batch_size
+    if family == "caption":
+        return [syn.make_sample(syn.sample_rng(cfg.seed, "stream", first + i), syn.CAPTION_TYPES, **kw)
+                for i in range(cfg.batch_size)]
+    if family == "qa":
+        return [syn.make_sample(syn.sample_rng(cfg.seed, "stream", first + i), syn.QA_TYPES, qa_weights(cfg), **kw)
+                for i in range(cfg.batch_size)]
+    return [syn.make_task_sample(syn.sample_rng(cfg.seed, "task_stream", first + i), family, **kw)
+            for i in range(cfg.batch_size)]
 
 
 def cell_targets(scenes: list[syn.Scene], arch: TinyArch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,20 +260,26 @@ def cell_targets(scenes: list[syn.Scene], arch: TinyArch) -> tuple[torch.Tensor,
     return torch.from_numpy(col), torch.from_numpy(shp)
 
 
+def encode_samples(processor, images: list[list], questions: list[str], answers: list[str] | None = None):
+    """``dop.models.prepare_inputs`` for questions with one or more images each: the images of a
+    question sit together where the chat template puts its image, as dop's lmms-eval plugin places
+    a document's images (``dop.evaluation.scoring.build_prompt``)."""
+    token = processor.image_token
+    texts = [build_prompt(processor, q).replace(token, " ".join([token] * len(ims)), 1)
+             for ims, q in zip(images, questions)]
+    if answers is not None:
+        texts = [f"{t} {a} {processor.tokenizer.eos_token}" for t, a in zip(texts, answers)]
+    return encode_prompts(processor, [im for ims in images for im in ims], texts)
+
+
 def batch_for_step(processor, step: int, cfg: TrainConfig) -> dict:
     """The training batch of a step: a pure function of (cfg.seed, step)."""
-    from PIL import Image
-
-    qtypes, weights = step_qtypes(step, cfg)
-    samples = [
-        syn.make_sample(syn.sample_rng(cfg.seed, "stream", step * cfg.batch_size + i), qtypes, weights,
-                        grid=cfg.arch.grid, image_size=cfg.arch.image_size)
-        for i in range(cfg.batch_size)
-    ]
-    images = [Image.fromarray(s["image"]) for s in samples]
+    samples = step_samples(step, cfg)
+    images = [[Image.fromarray(im) for im in [s["image"], *s.get("extra_images", [])]] for s in samples]
     answers = [s["answer"] for s in samples]
-    inputs = prepare_inputs(processor, images, [s["question"] for s in samples], answers=answers)
-    n_target = torch.tensor([len(a.split()) + 1 for a in answers])  # answer words + </s>
+    inputs = encode_samples(processor, images, [s["question"] for s in samples], answers=answers)
+    tok = processor.tokenizer
+    n_target = torch.tensor([len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers])  # + </s>
     col, shp = cell_targets([syn.Scene.from_json(s["scene"]) for s in samples], cfg.arch)
     return {**dict(inputs), "n_target": n_target, "cell_colour": col, "cell_shape": shp}
 
@@ -266,7 +339,8 @@ def make_module(cfg: TrainConfig, processor, model=None):
             if cfg.aux_weight > 0:
                 emb = out.hidden_states[0]                   # LM input: projected image features
                 img = ids == m.config.image_token_index
-                feats = emb[img].view(B, -1, emb.shape[-1])
+                first = img & (img.cumsum(1) <= m.config.image_seq_length)  # a row's first image
+                feats = emb[first].view(B, -1, emb.shape[-1])
                 aux = 0.5 * (
                     F.cross_entropy(self.aux_colour(feats).flatten(0, 1), batch["cell_colour"].flatten())
                     + F.cross_entropy(self.aux_shape(feats).flatten(0, 1), batch["cell_shape"].flatten())
@@ -289,8 +363,11 @@ def make_module(cfg: TrainConfig, processor, model=None):
             step = int(self.global_step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step >= cfg.stage1_steps:
                 acc = quick_eval(self.model, self.processor, cfg, cfg.eval_samples)
-                self.log("val_acc", acc, prog_bar=True, on_step=True, batch_size=cfg.batch_size)
-                log.info("step %d: val acc %.3f (%.0f s)", step, acc, time.time() - self._t0)
+                task = quick_task_eval(self.model, self.processor, cfg, cfg.eval_samples)
+                self.log_dict({"val_acc": acc, "task_acc": task["accuracy"]}, prog_bar=True, on_step=True,
+                              batch_size=cfg.batch_size)
+                log.info("step %d: val acc %.3f, benchmark formats %.3f %s (%.0f s)", step, acc, task["accuracy"],
+                         {k: round(v, 3) for k, v in task["per_family"].items()}, time.time() - self._t0)
                 self.model.train()
 
         def configure_optimizers(self):
@@ -324,7 +401,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 # ------------------------------------------------------------------ evaluation
 def quick_eval(model, processor, cfg: TrainConfig, n: int) -> float:
     """Accuracy on ``n`` generated val samples (no dataset on disk needed)."""
-    from PIL import Image
 
     rows = {"image": [], "question": [], "answer": [], "qtype": []}
     for i in range(n):
@@ -334,6 +410,64 @@ def quick_eval(model, processor, cfg: TrainConfig, n: int) -> float:
         for k in ("question", "answer", "qtype"):
             rows[k].append(s[k])
     return evaluate_accuracy(model, processor, rows, batch_size=50)["accuracy"]
+
+
+def quick_task_eval(model, processor, cfg: TrainConfig, n: int) -> dict:
+    """``evaluate_task_formats`` on ``n`` generated benchmark-format val samples (``syn.task_rows``)."""
+    rows = syn.task_rows(cfg.seed + 10_000, "task_val", n, grid=cfg.arch.grid, image_size=cfg.arch.image_size)
+    return evaluate_task_formats(model, processor, rows, batch_size=50)
+
+
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def task_correct(family: str, prediction: str, answer: str) -> bool:
+    """A benchmark-format answer scored strictly: the whole greedy output must be the answer. Short
+    answers compare lower-cased with punctuation other than ``_`` dropped; yes / no compare as POPE
+    does (lower-cased, stripped); an option letter must be the capital alone (MMBench's and MMMU's
+    parsers need the capital; ScienceQA and SEED-Bench also take ``a`` or ``A. red``)."""
+    pred = prediction.strip()
+    if family == "choice":
+        return pred == answer
+    if family == "yesno":
+        return pred.lower() == answer
+    return _words(pred) == _words(answer)
+
+
+@torch.no_grad()
+def evaluate_task_formats(model, processor, rows: dict, batch_size: int = 32, max_new_tokens: int = 4) -> dict:
+    """Greedy answers to benchmark-format prompts (``syn.task_rows``: ``image``, ``question``,
+    ``answer``, ``family``, ``format``) scored with ``task_correct``. Returns ``{"accuracy", "n",
+    "per_family", "per_format", "predictions"}``."""
+    tok = processor.tokenizer
+    was_training = model.training
+    model.eval()
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    n = len(rows["answer"])
+    hits: dict[str, list] = defaultdict(list)
+    preds = []
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        images = [[rows["image"][i], *(rows["extra_images"][i] if "extra_images" in rows else [])] for i in idx]
+        inputs = encode_samples(processor, images, [rows["question"][i] for i in idx]).to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(gen[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, text in zip(idx, texts):
+            ok = task_correct(rows["family"][i], text, rows["answer"][i])
+            hits["family:" + rows["family"][i]].append(ok)
+            hits["format:" + rows["format"][i]].append(ok)
+            preds.append(text.strip())
+    model.train(was_training)
+    mean = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    return {
+        "accuracy": sum(sum(v) for k, v in hits.items() if k.startswith("family:")) / max(1, n),
+        "n": n,
+        "per_family": {k.split(":", 1)[1]: v for k, v in mean.items() if k.startswith("family:")},
+        "per_format": {k.split(":", 1)[1]: v for k, v in mean.items() if k.startswith("format:")},
+        "predictions": preds,
+    }
 
 
 def _normalise(text: str) -> str:
@@ -525,6 +659,11 @@ def run(cfg):
         info["chance"] = syn.chance_accuracy(test)
         log.info("test accuracy %.4f (chance %.3f, blind %.3f)", res["accuracy"], info["chance"]["chance"],
                  info["chance"]["blind"])
+        rows = syn.task_rows(int(data.get("seed", 0)), "task_test", TASK_TEST_SAMPLES, grid=tc.arch.grid,
+                             image_size=tc.arch.image_size)
+        tasks = evaluate_task_formats(model, proc, rows)
+        info["task_formats"] = {k: v for k, v in tasks.items() if k != "predictions"}
+        log.info("benchmark formats: %s", json.dumps(tasks["per_family"]))
     (run_dir / "train_info.json").write_text(json.dumps(info, indent=2))
     return info
 
