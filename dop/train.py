@@ -1,12 +1,12 @@
 """Lightning training of the embedded tiny MLLM (``dop/assets/tiny_llava``).
 
 Recipe (``tiny-model-notes.md``): stage 1 captions only (per-cell description and sorted object
-list, loss on every caption token); stage 2 batches of one family each (``cfg.mix``): captions, the
+list, loss on every caption token); stage 2 samples of several families (``cfg.mix``): captions, the
 synthetic benchmark's own questions (relational types more often), and questions about the same
 scenes in the 13 lmms-eval benchmarks' prompt formats (``syn.make_task_sample``: the short-answer
-post-prompt, yes / no, option lists answered with the letter); a training-only auxiliary head on
-each image token predicting its cell's colour and shape (dropped before saving, so the checkpoint is
-a plain ``LlavaForConditionalGeneration``); AdamW with a higher learning rate on the vision tower +
+post-prompt, yes / no, option lists answered with the letter); training-only auxiliary heads on
+each image token predicting its cell and that cell's colour and shape (dropped before saving, so the
+checkpoint is a plain ``LlavaForConditionalGeneration``); AdamW with a higher learning rate on the vision tower +
 projector, warmup, constant, linear decay over the last part, gradient clipping.
 
 The tokenizer is word level (``word_tokenizer``): it folds capitals inside words, keeps a lone
@@ -100,7 +100,7 @@ class TinyArch:
 
 
 TASK_TEST_SAMPLES = 600  # held-out benchmark-format prompts scored after `dop stage=train` (200 per family)
-DEFAULT_MIX = {"caption": 0.15, "qa": 0.35, "short": 0.15, "yesno": 0.15, "choice": 0.2}
+DEFAULT_MIX = {"caption": 0.25, "qa": 0.3, "short": 0.15, "yesno": 0.12, "choice": 0.18}
 BATCH_FAMILIES = ("caption", "qa", *syn.FAMILIES)
 
 
@@ -110,9 +110,12 @@ class TrainConfig:
     steps: int = 6000
     stage1_steps: int = 800
     batch_size: int = 32
-    # stage 2: share of batches per family (one family per batch, ``step_family``): captions, the
-    # synthetic benchmark's own questions (qa), and questions in the benchmarks' prompt formats
-    # (syn.FAMILIES: short answer, yes / no, multiple choice)
+    # a batch is encoded as this many micro-batches of samples of similar length (less padding);
+    # the loss, and so the gradient, is still the whole batch's
+    micro_batches: int = 3
+    # stage 2: share of samples per family (``sample_family``): captions, the synthetic benchmark's
+    # own questions (qa), and questions in the benchmarks' prompt formats (syn.FAMILIES: short
+    # answer, yes / no, multiple choice)
     mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
     # qa sampling weights, overriding syn.training_weights (relational types 2, others 1);
     # exists x4 and right_of x3 is what made `exists` learnable
@@ -124,12 +127,27 @@ class TrainConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2       # linear decay to 0 over the last part of training
     grad_clip: float = 1.0
-    aux_weight: float = 1.0           # auxiliary per-image-token colour/shape loss
+    # share of caption and qa training samples whose question gets a lead-in of 1-2 known sentences
+    # (``syn.HINTS``): the benchmark formats put text of any length between the image and the
+    # question, so a cell must be found by what its image tokens hold, not by their distance
+    lead_in: float = 0.5
+    # auxiliary per-image-token loss: its cell's colour and shape, and the cell itself (without the
+    # cell target the LM-input features carry no position, and questions whose length varies cannot
+    # find a cell by its distance from the question)
+    aux_weight: float = 1.0
+    # auxiliary loss on multiple-choice prompts (training only): at each option's last word, a head
+    # reading the residual stream ``option_aux_layer`` layers deep predicts whether the option is the
+    # answer and which letter it has, so the last layers only need to copy the flagged option's letter
+    option_aux_weight: float = 1.0
+    option_aux_layer: int = 4
     ckpt_every: int = 250             # last.ckpt every N steps
     eval_every: int = 500             # quick val accuracy (0 = never)
     eval_samples: int = 200
     num_threads: int = 1
     progress_bar: bool = True
+    # a saved tiny LLaVA (directory) to start from instead of random weights: its vocabulary must be
+    # a prefix of this tokenizer's (new words get the mean of its embeddings); null = from scratch
+    init_from: str | None = None
     arch: TinyArch = field(default_factory=TinyArch)
 
 
@@ -148,10 +166,12 @@ def word_tokenizer(words: list[str]) -> Tokenizer:
     ``A``..``E`` are their own tokens, and an answer decodes as ``A``, which every multiple-choice
     task's parser accepts; a lower-case ``a`` is not accepted by MMBench's or MMMU's); punctuation
     other than ``_`` is split off (``phrase.`` -> ``phrase`` ``.``; ``top_left`` stays one word);
+    a cell in words is its name (``syn.cell_phrases``: ``Upper left corner`` -> ``top_left``);
     anything else is ``<unk>``."""
     tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.normalizer = normalizers.Sequence([
-        normalizers.Replace(Regex(f"(?<=[A-Za-z]){c}|{c}(?=[A-Za-z])"), c.lower()) for c in string.ascii_uppercase
+        *(normalizers.Replace(Regex(f"(?<=[A-Za-z]){c}|{c}(?=[A-Za-z])"), c.lower()) for c in string.ascii_uppercase),
+        *(normalizers.Replace(Regex(pattern), cell) for pattern, cell in syn.cell_phrases()),
     ])
     tk.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[^\w\s]"), behavior="isolated"),
@@ -206,18 +226,43 @@ def build_tiny_llava(processor, arch: TinyArch | None = None, attn_implementatio
     return model
 
 
+def init_model(path, processor) -> LlavaForConditionalGeneration:
+    """The model saved in ``path`` with its vocabulary extended to ``processor``'s: the saved
+    tokenizer's words must be the first words of the new one (``tokenizer_vocabulary`` only appends);
+    a new word's input and output rows are drawn around the mean of the saved rows with their
+    spread (identical rows would make the new option letters indistinguishable at the start)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"train.init_from={str(path)!r}: no saved model (config.json) there")
+    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32)
+    old = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
+    new = processor.tokenizer.get_vocab()
+    if any(new.get(w) != i for w, i in old.items()):
+        raise ValueError(f"train.init_from={str(path)!r}: its vocabulary is not a prefix of the tiny tokenizer's")
+    n_old, n_new = len(old), len(new)
+    emb, head = model.get_input_embeddings().weight.data, model.get_output_embeddings().weight.data
+    model.resize_token_embeddings(n_new, mean_resizing=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for new_w, old_w in ((model.get_input_embeddings().weight, emb), (model.get_output_embeddings().weight, head)):
+            mean, std = old_w[:n_old].mean(0), old_w[:n_old].std(0)
+            new_w[n_old:] = mean + std * torch.randn(n_new - n_old, old_w.shape[1], generator=gen)
+    model.config.text_config.vocab_size = n_new
+    return model.train()  # from_pretrained leaves eval mode
+
+
 # ------------------------------------------------------------------ batches
-def step_family(step: int, cfg: TrainConfig) -> str:
-    """The family of a step's batch: captions in stage 1; then drawn from ``cfg.mix`` by (seed, step).
-    One family per batch, so short synthetic prompts are not padded to multiple-choice lengths."""
+def sample_family(index: int, step: int, cfg: TrainConfig) -> str:
+    """The family of training sample ``index`` of the stream (drawn at ``step``): captions in stage 1;
+    then drawn from ``cfg.mix`` by (seed, index)."""
     if step < cfg.stage1_steps:
         return "caption"
     unknown = set(cfg.mix) - set(BATCH_FAMILIES)
     if unknown:
-        raise ValueError(f"unknown batch families {sorted(unknown)} in mix; known: {BATCH_FAMILIES}")
+        raise ValueError(f"unknown sample families {sorted(unknown)} in mix; known: {BATCH_FAMILIES}")
     names = [f for f in BATCH_FAMILIES if cfg.mix.get(f, 0) > 0]
     w = np.asarray([float(cfg.mix[f]) for f in names])
-    return names[int(syn.sample_rng(cfg.seed, "family", step).choice(len(names), p=w / w.sum()))]
+    return names[int(syn.sample_rng(cfg.seed, "family", index).choice(len(names), p=w / w.sum()))]
 
 
 def qa_weights(cfg: TrainConfig) -> list[float]:
@@ -228,19 +273,38 @@ def qa_weights(cfg: TrainConfig) -> list[float]:
     return w
 
 
+def with_lead_in(sample: dict, index: int, cfg: TrainConfig) -> dict:
+    """``sample`` with, ``cfg.lead_in`` of the time, 1-2 ``syn.HINTS`` sentences before its question
+    (drawn by (seed, index))."""
+    rng = syn.sample_rng(cfg.seed, "lead_in", index)
+    if rng.random() >= cfg.lead_in:
+        return sample
+    lead = " ".join(syn.HINTS[int(i)] for i in rng.choice(len(syn.HINTS), int(rng.integers(1, 3)), replace=False))
+    return {**sample, "question": f"{lead} {sample['question']}"}
+
+
 def step_samples(step: int, cfg: TrainConfig) -> list[dict]:
-    """The samples of a step's batch (``step_family``): a pure function of (cfg.seed, step)."""
-    family = step_family(step, cfg)
+    """The samples of a step's batch (families by ``sample_family``): a pure function of (cfg.seed, step)."""
     kw = {"grid": cfg.arch.grid, "image_size": cfg.arch.image_size}
-    first = step * cfg.batch_size
-    if family == "caption":
-        return [syn.make_sample(syn.sample_rng(cfg.seed, "stream", first + i), syn.CAPTION_TYPES, **kw)
-                for i in range(cfg.batch_size)]
-    if family == "qa":
-        return [syn.make_sample(syn.sample_rng(cfg.seed, "stream", first + i), syn.QA_TYPES, qa_weights(cfg), **kw)
-                for i in range(cfg.batch_size)]
-    return [syn.make_task_sample(syn.sample_rng(cfg.seed, "task_stream", first + i), family, **kw)
-            for i in range(cfg.batch_size)]
+    out = []
+    for index in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
+        family = sample_family(index, step, cfg)
+        if family == "caption":
+            s = syn.make_sample(syn.sample_rng(cfg.seed, "stream", index), syn.TRAIN_CAPTION_TYPES, **kw)
+            out.append(with_lead_in(s, index, cfg))
+        elif family == "qa":
+            s = syn.make_sample(syn.sample_rng(cfg.seed, "stream", index), syn.QA_TYPES, qa_weights(cfg), **kw)
+            out.append(with_lead_in(s, index, cfg))
+        else:
+            out.append(syn.make_task_sample(syn.sample_rng(cfg.seed, "task_stream", index), family, **kw))
+    return out
+
+
+def patch_cells(arch: TinyArch) -> torch.Tensor:
+    """The grid cell of each image token (row-major patches)."""
+    pps = arch.image_size // arch.patch_size
+    return torch.tensor([(p // pps * arch.grid // pps) * arch.grid + (p % pps * arch.grid // pps)
+                         for p in range(pps * pps)])
 
 
 def cell_targets(scenes: list[syn.Scene], arch: TinyArch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,16 +336,54 @@ def encode_samples(processor, images: list[list], questions: list[str], answers:
     return encode_prompts(processor, [im for ims in images for im in ims], texts)
 
 
-def batch_for_step(processor, step: int, cfg: TrainConfig) -> dict:
-    """The training batch of a step: a pure function of (cfg.seed, step)."""
-    samples = step_samples(step, cfg)
+def encode_training(processor, samples: list[dict], arch: TinyArch) -> dict:
+    """Teacher-forced inputs of samples + answer token counts (``n_target``, with ``</s>``) and the
+    auxiliary targets of each sample's first image."""
     images = [[Image.fromarray(im) for im in [s["image"], *s.get("extra_images", [])]] for s in samples]
     answers = [s["answer"] for s in samples]
     inputs = encode_samples(processor, images, [s["question"] for s in samples], answers=answers)
     tok = processor.tokenizer
-    n_target = torch.tensor([len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers])  # + </s>
-    col, shp = cell_targets([syn.Scene.from_json(s["scene"]) for s in samples], cfg.arch)
-    return {**dict(inputs), "n_target": n_target, "cell_colour": col, "cell_shape": shp}
+    n_target = torch.tensor([len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in answers])
+    col, shp = cell_targets([syn.Scene.from_json(s["scene"]) for s in samples], arch)
+    opt_pos, opt_letter, opt_correct = option_targets(processor, inputs["input_ids"], samples)
+    return {**dict(inputs), "n_target": n_target, "cell_colour": col, "cell_shape": shp,
+            "option_pos": opt_pos, "option_letter": opt_letter, "option_correct": opt_correct}
+
+
+def option_targets(processor, input_ids: torch.Tensor, samples: list[dict]):
+    """The options of the multiple-choice samples in a batch: (row, position of the option's last
+    word) pairs ``(K, 2)``, the option's letter index ``(K,)`` and whether it is the answer ``(K,)``.
+    An option starts at a lone letter followed by ``.``; it ends before the next option or before the
+    instruction that follows the list (its first word)."""
+    tok = processor.tokenizer
+    letter_id = {tok.convert_tokens_to_ids(c): i for i, c in enumerate(syn.OPTION_LETTERS)}
+    dot = tok.convert_tokens_to_ids(".")
+    stops = {tok.convert_tokens_to_ids(w) for w in (syn.prompt_words(syn.LETTER)[0], syn.prompt_words(syn.LETTER_CN)[0])}
+    pos, letters, correct = [], [], []
+    for b, s in enumerate(samples):
+        if s.get("family") != "choice":
+            continue
+        ids = input_ids[b].tolist()
+        starts = [i for i in range(len(ids) - 1) if ids[i] in letter_id and ids[i + 1] == dot]
+        for k, i in enumerate(starts):
+            end = starts[k + 1] if k + 1 < len(starts) else next(j for j in range(i + 2, len(ids)) if ids[j] in stops)
+            letter = letter_id[ids[i]]
+            pos.append((b, end - 1))
+            letters.append(letter)
+            correct.append(int(syn.OPTION_LETTERS[letter] == s["answer"]))
+    return (torch.tensor(pos, dtype=torch.long).view(-1, 2), torch.tensor(letters, dtype=torch.long),
+            torch.tensor(correct, dtype=torch.long))
+
+
+def batch_for_step(processor, step: int, cfg: TrainConfig) -> list[dict]:
+    """The training batch of a step (a pure function of (cfg.seed, step)) as ``cfg.micro_batches``
+    micro-batches of samples of similar length."""
+    samples = step_samples(step, cfg)
+    size = [len(syn.prompt_words(s["question"] + " " + s["answer"])) + 16 * len(s.get("extra_images", []))
+            for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: size[i])
+    parts = np.array_split(np.asarray(order), max(1, min(int(cfg.micro_batches), len(samples))))
+    return [encode_training(processor, [samples[int(i)] for i in part], cfg.arch) for part in parts if len(part)]
 
 
 class StepIndex(torch.utils.data.Dataset):
@@ -316,13 +418,28 @@ def make_module(cfg: TrainConfig, processor, model=None):
             h = cfg.arch.hidden
             self.aux_colour = torch.nn.Linear(h, len(syn.COLOURS) + 1)
             self.aux_shape = torch.nn.Linear(h, len(syn.SHAPES) + 1)
+            self.aux_cell = torch.nn.Linear(h, cfg.arch.grid ** 2)
+            self.aux_option = torch.nn.Linear(h, 2)
+            self.aux_letter = torch.nn.Linear(h, len(syn.OPTION_LETTERS))
+            self.register_buffer("patch_cell", patch_cells(cfg.arch), persistent=False)
             self.steps_seen: list[int] = []
             self._t0 = None
 
-        def forward_loss(self, batch):
+        def forward_loss(self, micro_batches: list[dict]):
+            """(loss, LM loss, auxiliary loss) of a batch given as micro-batches: the LM loss is the
+            mean over samples of each sample's mean answer-token loss; the auxiliary loss the mean
+            over image tokens."""
+            per_sample, aux = zip(*(self._micro_loss(b) for b in micro_batches))
+            lm_loss = torch.cat(per_sample).mean()
+            rows = torch.tensor([len(p) for p in per_sample], dtype=torch.float32)
+            aux_loss = (torch.stack(aux) * rows).sum() / rows.sum()
+            return lm_loss + cfg.aux_weight * aux_loss, lm_loss, aux_loss
+
+        def _micro_loss(self, batch):
             m = self.model
             out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"], output_hidden_states=cfg.aux_weight > 0)
+                    pixel_values=batch["pixel_values"],
+                    output_hidden_states=cfg.aux_weight > 0 or cfg.option_aux_weight > 0)
             logits = out.logits  # (B, T, V)
             B, T, _ = logits.shape
             ids = batch["input_ids"]
@@ -334,19 +451,24 @@ def make_module(cfg: TrainConfig, processor, model=None):
             tok_loss = F.cross_entropy(pred.float(), gold, reduction="none")
             row = torch.repeat_interleave(torch.arange(B), n_t)
             per_sample = torch.zeros(B).index_add_(0, row, tok_loss) / n_t
-            lm_loss = per_sample.mean()
-            loss, aux = lm_loss, torch.zeros(())
+            aux = torch.zeros(())
             if cfg.aux_weight > 0:
                 emb = out.hidden_states[0]                   # LM input: projected image features
                 img = ids == m.config.image_token_index
                 first = img & (img.cumsum(1) <= m.config.image_seq_length)  # a row's first image
                 feats = emb[first].view(B, -1, emb.shape[-1])
-                aux = 0.5 * (
+                aux = (
                     F.cross_entropy(self.aux_colour(feats).flatten(0, 1), batch["cell_colour"].flatten())
                     + F.cross_entropy(self.aux_shape(feats).flatten(0, 1), batch["cell_shape"].flatten())
-                )
-                loss = loss + cfg.aux_weight * aux
-            return loss, lm_loss, aux
+                    + F.cross_entropy(self.aux_cell(feats).flatten(0, 1), self.patch_cell.repeat(B))
+                ) / 3
+            if cfg.option_aux_weight > 0 and len(batch["option_pos"]):
+                h = out.hidden_states[cfg.option_aux_layer][batch["option_pos"][:, 0], batch["option_pos"][:, 1]]
+                aux = aux + cfg.option_aux_weight * (
+                    F.cross_entropy(self.aux_option(h), batch["option_correct"])
+                    + F.cross_entropy(self.aux_letter(h), batch["option_letter"])
+                ) / 2
+            return per_sample, aux
 
         def training_step(self, step_index, batch_idx):
             step = int(self.global_step)
@@ -552,7 +674,7 @@ def fit(cfg: TrainConfig, run_dir, out_dir=None, *, resume: bool = True, logger=
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     processor = build_processor(cfg.arch)
-    module = make_module(cfg, processor)
+    module = make_module(cfg, processor, init_model(cfg.init_from, processor) if cfg.init_from else None)
     last = run_dir / "last.ckpt"
     ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=str(run_dir), filename="step{step}", save_last=True, save_top_k=0,
@@ -669,7 +791,7 @@ def run(cfg):
 
 
 def main(argv=None):
-    """``python -m dop.train OUT_DIR [STEPS] [SEED] [--qtype-weights JSON] [--run-dir DIR]``."""
+    """``python -m dop.train OUT_DIR [STEPS] [SEED] [--qtype-weights JSON] [--run-dir DIR] [--config JSON]``."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m dop.train", description=main.__doc__)
@@ -678,9 +800,13 @@ def main(argv=None):
     ap.add_argument("seed", nargs="?", type=int, default=0)
     ap.add_argument("--qtype-weights", type=json.loads, default=None, help='e.g. \'{"exists": 4}\'')
     ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--config", type=json.loads, default=None,
+                    help='other TrainConfig fields as JSON, e.g. \'{"init_from": "base", "stage1_steps": 0}\'')
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    kw = {} if a.qtype_weights is None else {"qtype_weights": a.qtype_weights}
+    kw = dict(a.config or {})
+    if a.qtype_weights is not None:
+        kw["qtype_weights"] = a.qtype_weights
     info = train_tiny_llava(a.out_dir, seed=a.seed, steps=a.steps, run_dir=a.run_dir, **kw)
     print(json.dumps(info, indent=2))
 

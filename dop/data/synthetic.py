@@ -55,13 +55,18 @@ QA_TYPES: tuple[str, ...] = (
     "colour_at", "shape_at", "count", "exists", "shape_of_colour", "where", "right_of",
 )
 CAPTION_TYPES: tuple[str, ...] = ("caption_cells", "caption_list")
+# Training also describes the cells in a random order: the content after each cell name must then be
+# looked up by the name (as colour_at and shape_at need), not by its distance from the image.
+TRAIN_CAPTION_TYPES: tuple[str, ...] = (*CAPTION_TYPES, "caption_shuffled")
 # Relational types: sampled twice as often in training (recipe).
 RELATIONAL_TYPES: tuple[str, ...] = ("exists", "shape_of_colour", "where", "right_of")
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "stream": 3,
                # benchmark-format prompts (``make_task_sample``): training stream, held-out sets,
                # and the per-step choice of a training batch's family
-               "task_stream": 4, "task_val": 5, "task_test": 6, "family": 7}
+               "task_stream": 4, "task_val": 5, "task_test": 6, "family": 7,
+               # training-only lead-in sentences before a question (dop.train.with_lead_in)
+               "lead_in": 8}
 DEFAULT_SIZES = {"train": 2000, "val": 500, "test": 1000}
 
 
@@ -157,6 +162,16 @@ def caption_cells(scene: Scene) -> str:
     return " ".join(parts)
 
 
+def caption_shuffled(scene: Scene, order: Sequence[int]) -> str:
+    """``caption_cells`` with the cells in ``order``."""
+    names = cell_names(scene.grid)
+    parts = []
+    for i in order:
+        o = scene.at(int(i))
+        parts.append(f"{names[i]} {o.colour} {o.shape}" if o else f"{names[i]} {EMPTY}")
+    return " ".join(parts)
+
+
 def caption_list(scene: Scene) -> str:
     names = cell_names(scene.grid)
     objs = sorted(scene.objects, key=lambda o: (o.colour, o.shape, o.cell))
@@ -191,6 +206,8 @@ def answer_question(scene: Scene, qtype: str, args: dict) -> str:
         return caption_cells(scene)
     if qtype == "caption_list":
         return caption_list(scene)
+    if qtype == "caption_shuffled":
+        return caption_shuffled(scene, args["order"])
     raise ValueError(f"unknown qtype {qtype!r}")
 
 
@@ -213,6 +230,8 @@ def question_text(scene: Scene, qtype: str, args: dict) -> str:
         return "describe the image ."
     if qtype == "caption_list":
         return "list the objects ."
+    if qtype == "caption_shuffled":
+        return "describe each part of the image ."
     raise ValueError(f"unknown qtype {qtype!r}")
 
 
@@ -234,6 +253,8 @@ def _question_args(scene: Scene, qtype: str, rng: np.random.Generator) -> dict:
         return {"cell": names[pick([o.cell for o in scene.objects])]}
     if qtype == "count" or qtype in CAPTION_TYPES:
         return {}
+    if qtype == "caption_shuffled":
+        return {"order": [int(i) for i in rng.permutation(scene.grid * scene.grid)]}
     if qtype == "exists":
         if rng.random() < 0.5:
             o = pick(scene.objects)
@@ -393,12 +414,29 @@ _IN_WORD_CAPITAL = re.compile(r"(?<=[A-Za-z])[A-Z]|[A-Z](?=[A-Za-z])")
 _PROMPT_WORD = re.compile(r"\w+|[^\w\s]")
 
 
+def cell_phrases() -> list[tuple[str, str]]:
+    """(regex, cell name) pairs that read a cell written in words as its one-word name:
+    ``top left``, ``top-left``, ``upper left`` (+ `` corner``) -> ``top_left`` (grids 2 and 3). The
+    tiny model's tokenizer applies them after folding capitals, so a position is one token however
+    a prompt writes it, as in the synthetic benchmark's own questions."""
+    out = []
+    for cell in dict.fromkeys(cell_names(2) + cell_names(3)):
+        row, col = cell.split("_")
+        rows = "|".join(dict.fromkeys([row, _ROW_SYNONYM.get(row, row)]))
+        out.append((rf"\b(?:{rows})[ -]{col}(?: corner)?\b", cell))
+    return out
+
+
 def prompt_words(text: str) -> list[str]:
     """The words the tiny model's tokenizer makes of ``text`` (``dop.train.build_processor``):
     capitals inside words lower-cased (``Answer`` -> ``answer``) while a capital standing alone
-    stays (option letters ``A``, ``B``, ... stay upper case, so decoded answers are ``A``), then
-    runs of word characters (``_`` included: ``top_left``) and single punctuation marks."""
-    return _PROMPT_WORD.findall(_IN_WORD_CAPITAL.sub(lambda m: m.group().lower(), text))
+    stays (option letters ``A``, ``B``, ... stay upper case, so decoded answers are ``A``), cells in
+    words read as their names (``cell_phrases``), then runs of word characters (``_`` included:
+    ``top_left``) and single punctuation marks."""
+    text = _IN_WORD_CAPITAL.sub(lambda m: m.group().lower(), text)
+    for pattern, cell in cell_phrases():
+        text = re.sub(pattern, cell, text)
+    return _PROMPT_WORD.findall(text)
 
 
 def _pick(rng: np.random.Generator, seq: Sequence[Any]) -> Any:
@@ -471,10 +509,15 @@ def task_answer(scene: Scene, kind: str, args: dict) -> str:
     return "yes" if hit else "no"
 
 
-def natural_question(kind: str, args: dict, rng: np.random.Generator) -> str:
-    """A question of ``kind`` in words: the benchmark's own phrasing (``question_text``, a quarter of
-    the time for the kinds that have one) or a paraphrase of ``NATURAL_QUESTIONS``."""
-    if kind in QA_TYPES and rng.random() < 0.25:
+# Share of benchmark-format questions in the synthetic benchmark's own phrasing (``question_text``),
+# as ``dop.evaluation.fixtures`` writes its documents; the rest are paraphrases (``NATURAL_QUESTIONS``).
+OWN_PHRASING = 0.75
+
+
+def natural_question(kind: str, args: dict, rng: np.random.Generator, own: float = OWN_PHRASING) -> str:
+    """A question of ``kind`` in words: the benchmark's own phrasing (``question_text``, ``own`` of the
+    time for the kinds that have one) or a paraphrase of ``NATURAL_QUESTIONS``."""
+    if kind in QA_TYPES and rng.random() < own:
         return question_text(None, kind, args)
     template = _pick(rng, NATURAL_QUESTIONS[kind])
     fill = {k: _pick(rng, v) for k, v in _WORDS_OF.items()}
@@ -575,23 +618,29 @@ _N_OPTIONS = {"seedbench": (4, 4), "mmbench_en": (2, 4), "mmbench_cn": (2, 4), "
 
 
 def make_task_sample(rng: np.random.Generator, family: str | None = None, fmt: str | None = None,
-                     grid: int = 2, image_size: int = 32, upscale: float = 0.2) -> dict:
+                     grid: int = 2, image_size: int = 32, upscale: float = 0.2,
+                     own_phrasing: float = OWN_PHRASING) -> dict:
     """One question about a synthetic scene in a benchmark's prompt format.
 
     ``{"image", "extra_images" (more renderings of the scene: MMMU documents with two images),
     "question" (the full doc_to_text), "answer" (a word, yes / no, or an option letter), "qtype"
     (the question kind), "family", "format", "scene", "args"}``. ``upscale``: share of images drawn
-    at 2x the size (the processor scales them back down), as benchmark fixtures may be."""
+    at 2x the size (the processor scales them back down), as benchmark fixtures may be.
+    ``own_phrasing``: share of questions in the benchmark's own phrasing (``natural_question``).
+    Yes / no questions ask ``exists`` half the time (POPE's and MME's fixture questions)."""
     family = family or _pick(rng, FAMILIES)
     fmt = fmt or _pick(rng, TASK_FORMATS[family])
-    kind = _pick(rng, TASK_KINDS[family])
+    if family == "yesno" and rng.random() < 0.5:
+        kind = "exists"
+    else:
+        kind = _pick(rng, [k for k in TASK_KINDS[family] if family != "yesno" or k != "exists"])
     while True:
         scene = sample_scene(rng, grid)
         if _possible(scene, kind):
             break
     args = _task_args(scene, kind, rng)
     answer = task_answer(scene, kind, args)
-    question = natural_question(kind, args, rng)
+    question = natural_question(kind, args, rng, own_phrasing)
     options: list[str] = []
     if family == "choice":
         lo, hi = _N_OPTIONS[fmt]
@@ -620,12 +669,14 @@ def make_task_sample(rng: np.random.Generator, family: str | None = None, fmt: s
     }
 
 
-def task_rows(seed: int, split: str, n: int, *, grid: int = 2, image_size: int = 32) -> dict[str, list]:
+def task_rows(seed: int, split: str, n: int, *, grid: int = 2, image_size: int = 32,
+              own_phrasing: float = OWN_PHRASING) -> dict[str, list]:
     """``n`` benchmark-format samples (families in turn: short, yes/no, choice) as a dict of lists
     with PIL images; ``split`` ``task_val`` or ``task_test`` (held out from ``task_stream``)."""
     rows: dict[str, list] = defaultdict(list)
     for i in range(n):
-        s = make_task_sample(sample_rng(seed, split, i), FAMILIES[i % len(FAMILIES)], grid=grid, image_size=image_size)
+        s = make_task_sample(sample_rng(seed, split, i), FAMILIES[i % len(FAMILIES)], grid=grid, image_size=image_size,
+                             own_phrasing=own_phrasing)
         s["image"] = Image.fromarray(s["image"])
         s["extra_images"] = [Image.fromarray(im) for im in s["extra_images"]]
         for k, v in s.items():
@@ -638,8 +689,8 @@ def task_vocabulary(grid: int = 2) -> list[str]:
     hints, except ``UNKNOWN_WORDS`` (sorted, deterministic)."""
     texts = [SHORT_ANSWER, YES_NO, LETTER, LETTER_CN, UNANSWERABLE, MMBENCH_OPTIONS, "Context:", "<image 1> <image 2>",
              *HINTS, *OPTION_LETTERS, *(str(i) for i in range(10)), *EXTRA_COLOURS, *EXTRA_SHAPES, *EXTRA_COUNTS,
-             "upper lower corner centre center - .", *cell_names(grid), *(c.replace("_", " ") for c in cell_names(grid))]
-    texts += [re.sub(r"\{\w+\}", " ", t) for ts in NATURAL_QUESTIONS.values() for t in ts]
+             "upper lower corner centre center - .", *cell_names(grid), *(w for c in cell_names(grid) for w in c.split("_"))]
+    texts += [question_text(None, "caption_shuffled", {}), *(re.sub(r"\{\w+\}", " ", t) for ts in NATURAL_QUESTIONS.values() for t in ts)]
     texts += [w for ws in _WORDS_OF.values() for w in ws]
     words = {w for t in texts for w in prompt_words(t)}
     return sorted(words - {w.lower() for w in UNKNOWN_WORDS})
