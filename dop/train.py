@@ -140,6 +140,12 @@ class TrainConfig:
     # answer and which letter it has, so the last layers only need to copy the flagged option's letter
     option_aux_weight: float = 1.0
     option_aux_layer: int = 4
+    # auxiliary loss at the last prompt position (training only): a head reading the residual stream
+    # ``answer_aux_layer`` layers deep predicts the answer word (for multiple choice, the correct
+    # option's word, not its letter), so the answer is known early and the last layers only map it
+    # to the format (the option holding it, yes / no)
+    answer_aux_weight: float = 1.0
+    answer_aux_layer: int = 3
     ckpt_every: int = 250             # last.ckpt every N steps
     eval_every: int = 500             # quick val accuracy (0 = never)
     eval_samples: int = 200
@@ -347,7 +353,24 @@ def encode_training(processor, samples: list[dict], arch: TinyArch) -> dict:
     col, shp = cell_targets([syn.Scene.from_json(s["scene"]) for s in samples], arch)
     opt_pos, opt_letter, opt_correct = option_targets(processor, inputs["input_ids"], samples)
     return {**dict(inputs), "n_target": n_target, "cell_colour": col, "cell_shape": shp,
-            "option_pos": opt_pos, "option_letter": opt_letter, "option_correct": opt_correct}
+            "option_pos": opt_pos, "option_letter": opt_letter, "option_correct": opt_correct,
+            "answer_word": answer_words(processor, samples)}
+
+
+def answer_words(processor, samples: list[dict]) -> torch.Tensor:
+    """Per sample the token of its answer word (-100 for captions): the answer's first token, or for
+    a multiple-choice sample the word its correct option stands for."""
+    tok = processor.tokenizer
+    out = []
+    for s in samples:
+        if s["qtype"] in syn.TRAIN_CAPTION_TYPES:
+            out.append(-100)
+            continue
+        word = s["answer"]
+        if s.get("family") == "choice":
+            word = syn.task_answer(syn.Scene.from_json(s["scene"]), s["qtype"], json.loads(s["args"]))
+        out.append(tok(word, add_special_tokens=False)["input_ids"][0])
+    return torch.tensor(out, dtype=torch.long)
 
 
 def option_targets(processor, input_ids: torch.Tensor, samples: list[dict]):
@@ -421,6 +444,7 @@ def make_module(cfg: TrainConfig, processor, model=None):
             self.aux_cell = torch.nn.Linear(h, cfg.arch.grid ** 2)
             self.aux_option = torch.nn.Linear(h, 2)
             self.aux_letter = torch.nn.Linear(h, len(syn.OPTION_LETTERS))
+            self.aux_answer = torch.nn.Linear(h, len(processor.tokenizer))
             self.register_buffer("patch_cell", patch_cells(cfg.arch), persistent=False)
             self.steps_seen: list[int] = []
             self._t0 = None
@@ -439,7 +463,7 @@ def make_module(cfg: TrainConfig, processor, model=None):
             m = self.model
             out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"],
-                    output_hidden_states=cfg.aux_weight > 0 or cfg.option_aux_weight > 0)
+                    output_hidden_states=cfg.aux_weight > 0 or cfg.option_aux_weight > 0 or cfg.answer_aux_weight > 0)
             logits = out.logits  # (B, T, V)
             B, T, _ = logits.shape
             ids = batch["input_ids"]
@@ -468,6 +492,10 @@ def make_module(cfg: TrainConfig, processor, model=None):
                     F.cross_entropy(self.aux_option(h), batch["option_correct"])
                     + F.cross_entropy(self.aux_letter(h), batch["option_letter"])
                 ) / 2
+            if cfg.answer_aux_weight > 0 and (batch["answer_word"] >= 0).any():
+                last = out.hidden_states[cfg.answer_aux_layer][torch.arange(B), T - n_t - 1]
+                aux = aux + cfg.answer_aux_weight * F.cross_entropy(self.aux_answer(last), batch["answer_word"],
+                                                                    ignore_index=-100)
             return per_sample, aux
 
         def training_step(self, step_index, batch_idx):

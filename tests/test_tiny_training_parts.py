@@ -10,6 +10,7 @@ from transformers import LlavaForConditionalGeneration
 from dop.data import synthetic as syn
 from dop.train import (
     TrainConfig,
+    answer_words,
     build_processor,
     build_tiny_llava,
     encode_training,
@@ -55,6 +56,25 @@ def test_option_targets_mark_each_options_last_word():
     # a batch without choice samples has none
     empty = option_targets(proc, ids, [{**s, "family": "short"} for s in samples])
     assert empty[0].shape == (0, 2) and len(empty[1]) == 0
+
+
+def test_answer_word_of_a_choice_is_its_correct_options_word():
+    proc = build_processor()
+    tok = proc.tokenizer
+    cfg = TrainConfig(seed=4, stage1_steps=0, mix={"choice": 1.0, "qa": 1.0, "caption": 1.0})
+    samples = step_samples(0, cfg)
+    words = tok.convert_ids_to_tokens([max(0, i) for i in answer_words(proc, samples).tolist()])
+    ids = answer_words(proc, samples).tolist()
+    for s, w, i in zip(samples, words, ids):
+        if s["qtype"] in syn.TRAIN_CAPTION_TYPES:
+            assert i == -100
+        elif s.get("family") == "choice":
+            line = next(x for x in s["question"].split("\n") if x.startswith(s["answer"] + ". "))
+            assert tok.tokenize(line[3:]) == [w] or w in syn.NUMBER_WORDS  # counts may be written as digits
+            if w in syn.NUMBER_WORDS and line[3:].isdigit():
+                assert syn.NUMBER_WORDS[int(line[3:])] == w
+        else:
+            assert w == s["answer"]
 
 
 def test_lead_in_puts_hint_sentences_before_some_questions():
