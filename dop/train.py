@@ -6,8 +6,12 @@ synthetic benchmark's own questions (relational types more often), and questions
 scenes in the 13 lmms-eval benchmarks' prompt formats (``syn.make_task_sample``: the short-answer
 post-prompt, yes / no, option lists answered with the letter); training-only auxiliary heads on
 each image token predicting its cell and that cell's colour and shape (dropped before saving, so the
-checkpoint is a plain ``LlavaForConditionalGeneration``); AdamW with a higher learning rate on the vision tower +
-projector, warmup, constant, linear decay over the last part, gradient clipping.
+checkpoint is a plain ``LlavaForConditionalGeneration``), and for the benchmark formats a per-option
+head (is it the answer, its letter) and an answer-word head at the last prompt position; half of the
+caption/qa questions follow hint sentences (``lead_in``), so cells are found by content, not by their
+distance from the question; AdamW with a higher learning rate on the vision tower + projector,
+warmup, constant, linear decay over the last part, gradient clipping. ``init_from`` fine-tunes a
+saved model, its vocabulary extended (how the shipped checkpoint was made: see its README).
 
 The tokenizer is word level (``word_tokenizer``): it folds capitals inside words, keeps a lone
 capital (option letters), splits punctuation off, and maps unknown words to ``<unk>``, so real
@@ -432,6 +436,10 @@ def _lightning():
 def make_module(cfg: TrainConfig, processor, model=None):
     L = _lightning()
 
+    def aux_layer(depth: int) -> int:
+        # a model with fewer layers (tests) reads its last hidden state
+        return min(int(depth), cfg.arch.layers)
+
     class TinyLlavaModule(L.LightningModule):
         def __init__(self):
             super().__init__()
@@ -487,13 +495,13 @@ def make_module(cfg: TrainConfig, processor, model=None):
                     + F.cross_entropy(self.aux_cell(feats).flatten(0, 1), self.patch_cell.repeat(B))
                 ) / 3
             if cfg.option_aux_weight > 0 and len(batch["option_pos"]):
-                h = out.hidden_states[cfg.option_aux_layer][batch["option_pos"][:, 0], batch["option_pos"][:, 1]]
+                h = out.hidden_states[aux_layer(cfg.option_aux_layer)][batch["option_pos"][:, 0], batch["option_pos"][:, 1]]
                 aux = aux + cfg.option_aux_weight * (
                     F.cross_entropy(self.aux_option(h), batch["option_correct"])
                     + F.cross_entropy(self.aux_letter(h), batch["option_letter"])
                 ) / 2
             if cfg.answer_aux_weight > 0 and (batch["answer_word"] >= 0).any():
-                last = out.hidden_states[cfg.answer_aux_layer][torch.arange(B), T - n_t - 1]
+                last = out.hidden_states[aux_layer(cfg.answer_aux_layer)][torch.arange(B), T - n_t - 1]
                 aux = aux + cfg.answer_aux_weight * F.cross_entropy(self.aux_answer(last), batch["answer_word"],
                                                                     ignore_index=-100)
             return per_sample, aux

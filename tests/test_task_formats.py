@@ -243,7 +243,7 @@ def test_yes_no_answers_score_under_pope_and_mme(answered):
 
 def test_short_answers_score_under_vqa_and_gqa_matching(answered):
     rows = _family(answered, "short")
-    vqa = np.mean([vqav2.vqav2_process_results({"answers": [{"answer": r["answer"]} for _ in range(10)],
+    vqa = np.mean([vqav2.vqav2_process_results({"answers": [{"answer": r["answer"], "answer_id": j} for j in range(1, 11)],
                                                 "question_id": i}, [r["prediction"]])["exact_match"]
                    for i, r in enumerate(rows)])
     exact = exact_match_hf_evaluate([r["prediction"] for r in rows], [r["answer"] for r in rows],
