@@ -6,7 +6,7 @@ import torch
 
 from dop.data import synthetic as syn
 from dop.models import TINY_LLAVA_DIR, build_prompt, load_model, prepare_inputs
-from dop.training.tiny_llava import evaluate_accuracy, train_tiny_llava
+from dop.training.tiny_llava import evaluate_accuracy, evaluate_task_formats, train_tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,18 @@ def test_accuracy_on_test_subset(tiny, test200):
     assert res["accuracy"] >= 0.85, res
     chance = syn.chance_accuracy(test200)
     assert res["accuracy"] > chance["blind"] + 0.3
+
+
+def test_answers_benchmark_prompt_formats(tiny):
+    # held-out questions about synthetic scenes in the 13 benchmarks' own prompt formats (issue 17):
+    # the short-answer post-prompt, yes/no, and option lists answered with the capital letter alone
+    model, processor = tiny
+    rows = syn.task_rows(0, "task_test", 300)
+    res = evaluate_task_formats(model, processor, rows, batch_size=100)
+    assert res["n"] == 300 and set(res["per_family"]) == set(syn.FAMILIES)
+    assert all(acc >= 0.8 for acc in res["per_family"].values()), res["per_family"]
+    letters = [p for p, f in zip(res["predictions"], rows["family"]) if f == "choice"]
+    assert sum(p in set(syn.OPTION_LETTERS) for p in letters) >= 0.95 * len(letters)  # a letter, nothing else
 
 
 def test_generate_answers_one_word(tiny, test200):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter, defaultdict
@@ -58,10 +59,18 @@ QA_TYPES: tuple[str, ...] = (
     "colour_at", "shape_at", "count", "exists", "shape_of_colour", "where", "right_of",
 )
 CAPTION_TYPES: tuple[str, ...] = ("caption_cells", "caption_list")
+# Training also describes the cells in a random order: the content after each cell name must then be
+# looked up by the name (as colour_at and shape_at need), not by its distance from the image.
+TRAIN_CAPTION_TYPES: tuple[str, ...] = (*CAPTION_TYPES, "caption_shuffled")
 # Relational types: sampled twice as often in training (recipe).
 RELATIONAL_TYPES: tuple[str, ...] = ("exists", "shape_of_colour", "where", "right_of")
 
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "stream": 3}
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "stream": 3,
+               # benchmark-format prompts (``make_task_sample``): training stream, held-out sets,
+               # and the per-step choice of a training batch's family
+               "task_stream": 4, "task_val": 5, "task_test": 6, "family": 7,
+               # training-only lead-in sentences before a question (dop.train.with_lead_in)
+               "lead_in": 8}
 DEFAULT_SIZES = {"train": 2000, "val": 500, "test": 1000}
 
 
@@ -161,6 +170,16 @@ def caption_cells(scene: Scene) -> str:
     return " ".join(parts)
 
 
+def caption_shuffled(scene: Scene, order: Sequence[int]) -> str:
+    """``caption_cells`` with the cells in ``order``."""
+    names = cell_names(scene.grid)
+    parts = []
+    for i in order:
+        o = scene.at(int(i))
+        parts.append(f"{names[i]} {o.colour} {o.shape}" if o else f"{names[i]} {EMPTY}")
+    return " ".join(parts)
+
+
 def caption_list(scene: Scene) -> str:
     names = cell_names(scene.grid)
     objs = sorted(scene.objects, key=lambda o: (o.colour, o.shape, o.cell))
@@ -195,6 +214,8 @@ def answer_question(scene: Scene, qtype: str, args: dict) -> str:
         return caption_cells(scene)
     if qtype == "caption_list":
         return caption_list(scene)
+    if qtype == "caption_shuffled":
+        return caption_shuffled(scene, args["order"])
     raise ValueError(f"unknown qtype {qtype!r}")
 
 
@@ -217,6 +238,8 @@ def question_text(scene: Scene, qtype: str, args: dict) -> str:
         return "describe the image ."
     if qtype == "caption_list":
         return "list the objects ."
+    if qtype == "caption_shuffled":
+        return "describe each part of the image ."
     raise ValueError(f"unknown qtype {qtype!r}")
 
 
@@ -238,6 +261,8 @@ def _question_args(scene: Scene, qtype: str, rng: np.random.Generator) -> dict:
         return {"cell": names[pick([o.cell for o in scene.objects])]}
     if qtype == "count" or qtype in CAPTION_TYPES:
         return {}
+    if qtype == "caption_shuffled":
+        return {"order": [int(i) for i in rng.permutation(scene.grid * scene.grid)]}
     if qtype == "exists":
         if rng.random() < 0.5:
             o = pick(scene.objects)
@@ -312,6 +337,371 @@ def vocabulary(grid: int = 2) -> list[str]:
         words |= set(t.split())
     words.discard("x")
     return sorted(words)
+
+
+# ------------------------------------------------------------------ benchmark prompt formats
+# The default prompts of the 13 lmms-eval 0.7.3 benchmarks (each task YAML's default
+# ``lmms_eval_specific_kwargs`` and its ``doc_to_text``), wrapped around questions about synthetic
+# scenes, so that the embedded model answers through them (issue 17). dop's lmms-eval plugin puts
+# doc_to_text's output after the image in the model's chat template (literal ``<image>`` removed).
+SHORT_ANSWER = "Answer the question using a single word or phrase."   # gqa, vqav2, pope, mme, textvqa, ...
+YES_NO = "Please answer yes or no."       # inside MME's questions; replaced by SHORT_ANSWER by default
+LETTER = "Answer with the option's letter from the given choices directly."  # scienceqa, seedbench, mmbench, mmmu
+LETTER_CN = "请直接使用所提供的选项字母作为答案回答。"                       # mmbench_cn
+UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'."  # vizwiz, ok_vqa
+MMBENCH_OPTIONS = "There are several options:"
+OPTION_LETTERS = "ABCDE"
+
+# Answer families: a word (``short``), yes / no, or an option letter (``choice``).
+FAMILIES: tuple[str, ...] = ("short", "yesno", "choice")
+TASK_KINDS: dict[str, tuple[str, ...]] = {
+    "short": ("colour_at", "shape_at", "count", "shape_of_colour", "where", "right_of"),
+    "yesno": ("exists", "colour_is", "shape_is", "count_is", "where_is"),
+    "choice": ("colour_at", "shape_at", "count", "shape_of_colour", "where", "right_of"),
+}
+# The benchmark layouts each family appears in (``task_prompt``).
+TASK_FORMATS: dict[str, tuple[str, ...]] = {
+    "short": ("gqa", "vqav2", "ok_vqa", "vizwiz_vqa", "textvqa", "mmmu_open", "ocrbench"),
+    "yesno": ("pope", "mme", "gqa", "vqav2", "ok_vqa", "vizwiz_vqa", "textvqa", "ocrbench"),
+    "choice": ("scienceqa_img", "seedbench", "mmbench_en", "mmbench_cn", "mmmu_mc"),
+}
+
+# Paraphrases of the question kinds: {cw} colour/color, {noun}/{nouns} object(s)/shape(s)/item(s),
+# {prep} at/in/on, {pos} a cell (``top_left``, ``top left``, ``upper left corner``, ...), {c} {s}
+# a colour and a shape, {art} a/an, {n} a count (word or digit), {cand} the colour or shape asked about.
+NATURAL_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "colour_at": ("What {cw} is the {noun} {prep} the {pos}?", "What is the {cw} of the {noun} {prep} the {pos}?",
+                  "Which {cw} is the {noun} {prep} the {pos}?", "What {cw} is the {s} {prep} the {pos}?",
+                  "What {cw} does the {noun} {prep} the {pos} have?"),
+    "shape_at": ("What shape is the {noun} {prep} the {pos}?", "What is the shape of the {noun} {prep} the {pos}?",
+                 "Which shape is {prep} the {pos}?", "What shape is the {c} {noun} {prep} the {pos}?",
+                 "What kind of shape is {prep} the {pos}?"),
+    "count": ("How many {nouns} are there?", "How many {nouns} are there in the image?",
+              "How many {nouns} are in the image?", "How many {nouns} can you see?",
+              "How many {nouns} are shown in the picture?", "What is the number of {nouns} in the image?"),
+    "shape_of_colour": ("What shape is the {c} {noun}?", "What is the shape of the {c} {noun}?",
+                        "Which shape is {c}?", "What shape is the {c} {noun} in the image?"),
+    "where": ("Where is the {c} {s}?", "Where is the {c} {s} located?", "Where is the {c} {s} in the image?",
+              "In which part of the image is the {c} {s}?"),
+    "right_of": ("What {cw} is the {noun} to the right of the {c} {s}?", "What {cw} is the {noun} right of the {c} {s}?",
+                 "What is the {cw} of the {noun} to the right of the {c} {s}?"),
+    "exists": ("Is there {art} {c} {s} in the image?", "Is there {art} {c} {s} in this image?", "Is there {art} {c} {s}?",
+               "Is there any {c} {s} in the image?", "Does the image contain {art} {c} {s}?",
+               "Can you see {art} {c} {s} in the image?", "Is there {art} {c} {s} in the picture?"),
+    "colour_is": ("Is the {noun} {prep} the {pos} {cand}?", "Is the {s} {prep} the {pos} {cand}?",
+                  "Is the {cw} of the {noun} {prep} the {pos} {cand}?"),
+    "shape_is": ("Is the {noun} {prep} the {pos} a {cand}?", "Is the {c} {noun} {prep} the {pos} a {cand}?",
+                 "Is the shape {prep} the {pos} a {cand}?"),
+    "count_is": ("Are there {n} {nouns} in the image?", "Are there exactly {n} {nouns} in the image?",
+                 "Is the number of {nouns} in the image {n}?", "Are there {n} {nouns}?"),
+    "where_is": ("Is the {c} {s} {prep} the {pos}?", "Is there {art} {c} {s} {prep} the {pos}?",
+                 "Is the {c} {s} located {prep} the {pos} of the image?"),
+}
+_WORDS_OF = {
+    "cw": ("colour", "color"), "noun": ("object", "shape", "item"), "nouns": ("objects", "shapes", "items"),
+    "prep": ("at", "in", "on"), "art": ("a", "an"),
+}
+# Option texts that are never an answer (distractors) and context sentences of ScienceQA / MMBench hints.
+EXTRA_COLOURS: tuple[str, ...] = ("black", "white", "pink", "brown", "gray")
+EXTRA_SHAPES: tuple[str, ...] = ("star", "hexagon", "rectangle", "oval", "diamond")
+EXTRA_COUNTS: tuple[str, ...] = ("zero", "five", "six")
+HINTS: tuple[str, ...] = (
+    "The image shows coloured shapes on a dark background.", "Look at the shapes in the picture.",
+    "Each part of the image holds at most one shape.", "The picture is divided into four parts.",
+    "Select the best answer.", "Think about the colours and shapes you see.",
+)
+# Words deliberately left out of the vocabulary: hints also carry unknown words (``<unk>``), as real
+# benchmark contexts do.
+UNKNOWN_WORDS: tuple[str, ...] = (
+    "Students", "observed", "diagram", "science", "experiment", "passage", "following", "lesson", "figure",
+    "photo", "label", "describes", "weather", "animal", "garden", "measure", "compare", "Tom", "city",
+)
+
+
+_IN_WORD_CAPITAL = re.compile(r"(?<=[A-Za-z])[A-Z]|[A-Z](?=[A-Za-z])")
+_PROMPT_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def cell_phrases() -> list[tuple[str, str]]:
+    """(regex, cell name) pairs that read a cell written in words as its one-word name:
+    ``top left``, ``top-left``, ``upper left`` (+ `` corner``) -> ``top_left`` (grids 2 and 3). The
+    tiny model's tokenizer applies them after folding capitals, so a position is one token however
+    a prompt writes it, as in the synthetic benchmark's own questions."""
+    out = []
+    for cell in dict.fromkeys(cell_names(2) + cell_names(3)):
+        row, col = cell.split("_")
+        rows = "|".join(dict.fromkeys([row, _ROW_SYNONYM.get(row, row)]))
+        out.append((rf"\b(?:{rows})[ -]{col}(?: corner)?\b", cell))
+    return out
+
+
+def prompt_words(text: str) -> list[str]:
+    """The words the tiny model's tokenizer makes of ``text`` (``dop.train.build_processor``):
+    capitals inside words lower-cased (``Answer`` -> ``answer``) while a capital standing alone
+    stays (option letters ``A``, ``B``, ... stay upper case, so decoded answers are ``A``), cells in
+    words read as their names (``cell_phrases``), then runs of word characters (``_`` included:
+    ``top_left``) and single punctuation marks."""
+    text = _IN_WORD_CAPITAL.sub(lambda m: m.group().lower(), text)
+    for pattern, cell in cell_phrases():
+        text = re.sub(pattern, cell, text)
+    return _PROMPT_WORD.findall(text)
+
+
+def _pick(rng: np.random.Generator, seq: Sequence[Any]) -> Any:
+    return seq[int(rng.integers(len(seq)))]
+
+
+_ROW_SYNONYM = {"top": "upper", "bottom": "lower"}
+
+
+def position_phrase(cell: str, rng: np.random.Generator) -> str:
+    """A cell in words: ``top_left``, ``top left``, ``top-left`` or ``upper left``, sometimes + ``corner``."""
+    row, col = cell.split("_")
+    form = int(rng.integers(4))
+    if form == 0:
+        text = cell
+    elif form == 1:
+        text = f"{row} {col}"
+    elif form == 2:
+        text = f"{row}-{col}"
+    else:
+        text = f"{_ROW_SYNONYM.get(row, row)} {col}"
+    return f"{text} corner" if form != 0 and rng.random() < 0.25 else text
+
+
+def _count_text(n: int, rng: np.random.Generator) -> str:
+    return str(n) if rng.random() < 0.5 else NUMBER_WORDS[n]
+
+
+def _task_args(scene: Scene, kind: str, rng: np.random.Generator) -> dict:
+    """Arguments of a question kind; yes/no kinds get a true or a false candidate half the time each."""
+    names = cell_names(scene.grid)
+    if kind in QA_TYPES:
+        return _question_args(scene, kind, rng)
+    o = _pick(rng, scene.objects)
+    args = {"cell": names[o.cell], "colour": o.colour, "shape": o.shape}
+    yes = bool(rng.random() < 0.5)
+    if kind == "colour_is":
+        others = [c for c in COLOURS if c != o.colour]
+        present = [c for c in others if any(p.colour == c for p in scene.objects)]
+        args["cand"] = o.colour if yes else _pick(rng, present if present and rng.random() < 0.5 else others)
+    elif kind == "shape_is":
+        args["cand"] = o.shape if yes else _pick(rng, [s for s in SHAPES if s != o.shape])
+    elif kind == "count_is":
+        n = len(scene.objects)
+        args = {"n": n if yes else _pick(rng, [k for k in range(1, scene.grid * scene.grid + 1) if k != n])}
+    elif kind == "where_is":
+        if not yes:
+            args["cell"] = _pick(rng, [c for i, c in enumerate(names) if i != o.cell])
+    else:
+        raise ValueError(f"unknown question kind {kind!r}")
+    return args
+
+
+def task_answer(scene: Scene, kind: str, args: dict) -> str:
+    """The answer of a question kind (``QA_TYPES`` or a yes/no kind of ``TASK_KINDS``)."""
+    if kind in QA_TYPES:
+        return answer_question(scene, kind, args)
+    names = cell_names(scene.grid)
+    if kind == "colour_is":
+        hit = scene.at(names.index(args["cell"])).colour == args["cand"]
+    elif kind == "shape_is":
+        hit = scene.at(names.index(args["cell"])).shape == args["cand"]
+    elif kind == "count_is":
+        hit = len(scene.objects) == args["n"]
+    elif kind == "where_is":
+        o = scene.at(names.index(args["cell"]))
+        hit = o is not None and (o.colour, o.shape) == (args["colour"], args["shape"])
+    else:
+        raise ValueError(f"unknown question kind {kind!r}")
+    return "yes" if hit else "no"
+
+
+# Share of benchmark-format questions in the synthetic benchmark's own phrasing (``question_text``),
+# as ``dop.evaluation.fixtures`` writes its documents; the rest are paraphrases (``NATURAL_QUESTIONS``).
+OWN_PHRASING = 0.75
+
+
+def natural_question(kind: str, args: dict, rng: np.random.Generator, own: float = OWN_PHRASING) -> str:
+    """A question of ``kind`` in words: the benchmark's own phrasing (``question_text``, ``own`` of the
+    time for the kinds that have one) or a paraphrase of ``NATURAL_QUESTIONS``."""
+    if kind in QA_TYPES and rng.random() < own:
+        return question_text(None, kind, args)
+    template = _pick(rng, NATURAL_QUESTIONS[kind])
+    fill = {k: _pick(rng, v) for k, v in _WORDS_OF.items()}
+    colour = args.get("colour", "")
+    fill["art"] = "an" if colour.startswith(("a", "e", "i", "o", "u")) and rng.random() < 0.8 else "a"
+    fill.update(c=colour, s=args.get("shape", ""), cand=args.get("cand", ""))
+    if "cell" in args:
+        fill["pos"] = position_phrase(args["cell"], rng)
+    if "n" in args:
+        fill["n"] = _count_text(args["n"], rng)
+    return template.format(**fill)
+
+
+def _option_text(kind: str, value: str, rng: np.random.Generator) -> str:
+    if kind == "count":
+        return _count_text(NUMBER_WORDS.index(value), rng)
+    if kind == "where":
+        return position_phrase(value, rng) if value in cell_names(2) + cell_names(3) else value
+    return value.capitalize() if rng.random() < 0.3 else value
+
+
+def choice_options(scene: Scene, kind: str, answer: str, n: int, rng: np.random.Generator) -> tuple[list[str], str]:
+    """``n`` option texts (the answer among distractors, at a random position) and the answer's letter.
+    Distractors come from the answer's own domain first (most of the time), then from words that are
+    never answers (``EXTRA_COLOURS``, ...)."""
+    if kind == "colour_at":
+        real, extra = list(COLOURS), list(EXTRA_COLOURS)
+    elif kind == "right_of":
+        real, extra = [*COLOURS, NOTHING], list(EXTRA_COLOURS)
+    elif kind in ("shape_at", "shape_of_colour"):
+        real, extra = list(SHAPES), list(EXTRA_SHAPES)
+    elif kind == "count":
+        real, extra = list(NUMBER_WORDS[1: scene.grid * scene.grid + 1]), list(EXTRA_COUNTS)
+    elif kind == "where":
+        real, extra = cell_names(scene.grid), ["centre", "center"]
+    else:
+        raise ValueError(f"no options for {kind!r}")
+    real = [v for v in real if v != answer]
+    extra = [v for v in extra if v != answer]
+    if rng.random() < 0.75:
+        pool = [real[int(i)] for i in rng.permutation(len(real))] + [extra[int(i)] for i in rng.permutation(len(extra))]
+    else:
+        both = real + extra
+        pool = [both[int(i)] for i in rng.permutation(len(both))]
+    values = pool[: n - 1]
+    at = int(rng.integers(len(values) + 1))
+    values.insert(at, answer)
+    return [_option_text(kind, v, rng) for v in values], OPTION_LETTERS[at]
+
+
+def _hint(rng: np.random.Generator) -> str:
+    """A ScienceQA context / MMBench hint: none, a known sentence, or words partly out of vocabulary."""
+    r = rng.random()
+    if r < 0.4:
+        return ""
+    if r < 0.7:
+        return _pick(rng, HINTS)
+    pool = list(UNKNOWN_WORDS) + ["the", "image", "shapes", "colour", "of", "is", "a", "and", "in", "picture"]
+    words = [_pick(rng, pool) for _ in range(int(rng.integers(3, 13)))]
+    return " ".join(words).capitalize() + "."
+
+
+def task_prompt(fmt: str, question: str, options: Sequence[str] = (), *, hint: str = "", variant: int = 0) -> str:
+    """``doc_to_text`` of benchmark ``fmt`` with its default lmms-eval kwargs, for a question (with
+    ``options`` for multiple choice; ``hint`` for ScienceQA's context and MMBench's hint).
+    ``variant`` (MME only): 0 = the default, whose post-prompt replaces the question's trailing
+    `` Please answer yes or no.``; 1 = that sentence kept (no post-prompt); 2 = kept without the
+    space, so the replacement misses and the post-prompt follows it."""
+    choices = "\n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options))
+    if fmt in ("gqa", "vqav2", "pope"):
+        return f"{question}\n{SHORT_ANSWER}"
+    if fmt == "mme":
+        return (f"{question}\n{SHORT_ANSWER}", f"{question} {YES_NO}", f"{question}{YES_NO}\n{SHORT_ANSWER}")[variant]
+    if fmt == "ok_vqa":
+        return f"{question}\n{UNANSWERABLE}\n{SHORT_ANSWER}"
+    if fmt == "vizwiz_vqa":
+        return f"{question.capitalize()}\n{UNANSWERABLE}\n{SHORT_ANSWER}"
+    if fmt == "textvqa":
+        return f"{question.capitalize()}\n{SHORT_ANSWER}"
+    if fmt == "mmmu_open":
+        return f"{question}\n\n{SHORT_ANSWER}"
+    if fmt == "ocrbench":
+        return question
+    if fmt == "scienceqa_img":
+        context = f"Context: {hint}\n" if hint else ""
+        return f"{context}{question}\n{choices}\n{LETTER}"
+    if fmt == "seedbench":
+        return f"{question}\n{choices}\n{LETTER}"
+    if fmt in ("mmbench_en", "mmbench_cn"):
+        query = f"{hint} {question} {MMBENCH_OPTIONS}\n{choices}" if hint else f"{question} {MMBENCH_OPTIONS}\n{choices}"
+        return f"{query}\n\n{LETTER if fmt == 'mmbench_en' else LETTER_CN}"
+    if fmt == "mmmu_mc":
+        return f"{question}\n{choices}\n\n{LETTER}"
+    raise ValueError(f"unknown benchmark format {fmt!r}")
+
+
+_N_OPTIONS = {"seedbench": (4, 4), "mmbench_en": (2, 4), "mmbench_cn": (2, 4), "scienceqa_img": (2, 5), "mmmu_mc": (2, 5)}
+
+
+def make_task_sample(rng: np.random.Generator, family: str | None = None, fmt: str | None = None,
+                     grid: int = 2, image_size: int = 32, upscale: float = 0.2,
+                     own_phrasing: float = OWN_PHRASING) -> dict:
+    """One question about a synthetic scene in a benchmark's prompt format.
+
+    ``{"image", "extra_images" (more renderings of the scene: MMMU documents with two images),
+    "question" (the full doc_to_text), "answer" (a word, yes / no, or an option letter), "qtype"
+    (the question kind), "family", "format", "scene", "args"}``. ``upscale``: share of images drawn
+    at 2x the size (the processor scales them back down), as benchmark fixtures may be.
+    ``own_phrasing``: share of questions in the benchmark's own phrasing (``natural_question``).
+    Yes / no questions ask ``exists`` half the time (POPE's and MME's fixture questions)."""
+    family = family or _pick(rng, FAMILIES)
+    fmt = fmt or _pick(rng, TASK_FORMATS[family])
+    if family == "yesno" and rng.random() < 0.5:
+        kind = "exists"
+    else:
+        kind = _pick(rng, [k for k in TASK_KINDS[family] if family != "yesno" or k != "exists"])
+    while True:
+        scene = sample_scene(rng, grid)
+        if _possible(scene, kind):
+            break
+    args = _task_args(scene, kind, rng)
+    answer = task_answer(scene, kind, args)
+    question = natural_question(kind, args, rng, own_phrasing)
+    options: list[str] = []
+    if family == "choice":
+        lo, hi = _N_OPTIONS[fmt]
+        options, answer = choice_options(scene, kind, answer, int(rng.integers(lo, hi + 1)), rng)
+    n_images = 1
+    if fmt.startswith("mmmu"):
+        # MMMU questions name their images (``<image 1>``; the marker stays in the text), and some
+        # documents hold several: here a second rendering of the same scene, a third of the time
+        n_images = 2 if rng.random() < 1 / 3 else 1
+        marker = " ".join(f"<image {k + 1}>" for k in range(n_images))
+        r = rng.random()
+        question = f"{marker} {question}" if r < 0.6 else f"{question} {marker}" if r < 0.8 else question
+    hint = _hint(rng) if fmt in ("scienceqa_img", "mmbench_en", "mmbench_cn") else ""
+    variant = int(rng.choice(3, p=[0.7, 0.15, 0.15])) if fmt == "mme" else 0
+    size = image_size * 2 if rng.random() < upscale else image_size
+    return {
+        "image": render(scene, rng, size),
+        "extra_images": [render(scene, rng, size) for _ in range(n_images - 1)],
+        "question": task_prompt(fmt, question, options, hint=hint, variant=variant),
+        "answer": answer,
+        "qtype": kind,
+        "family": family,
+        "format": fmt,
+        "scene": scene.to_json(),
+        "args": json.dumps(args, sort_keys=True),
+    }
+
+
+def task_rows(seed: int, split: str, n: int, *, grid: int = 2, image_size: int = 32,
+              own_phrasing: float = OWN_PHRASING) -> dict[str, list]:
+    """``n`` benchmark-format samples (families in turn: short, yes/no, choice) as a dict of lists
+    with PIL images; ``split`` ``task_val`` or ``task_test`` (held out from ``task_stream``)."""
+    rows: dict[str, list] = defaultdict(list)
+    for i in range(n):
+        s = make_task_sample(sample_rng(seed, split, i), FAMILIES[i % len(FAMILIES)], grid=grid, image_size=image_size,
+                             own_phrasing=own_phrasing)
+        s["image"] = Image.fromarray(s["image"])
+        s["extra_images"] = [Image.fromarray(im) for im in s["extra_images"]]
+        for k, v in s.items():
+            rows[k].append(v)
+    return dict(rows)
+
+
+def task_vocabulary(grid: int = 2) -> list[str]:
+    """Every word (``prompt_words``) of the benchmark prompt formats, their paraphrases, options and
+    hints, except ``UNKNOWN_WORDS`` (sorted, deterministic)."""
+    texts = [SHORT_ANSWER, YES_NO, LETTER, LETTER_CN, UNANSWERABLE, MMBENCH_OPTIONS, "Context:", "<image 1> <image 2>",
+             *HINTS, *OPTION_LETTERS, *(str(i) for i in range(10)), *EXTRA_COLOURS, *EXTRA_SHAPES, *EXTRA_COUNTS,
+             "upper lower corner centre center - .", *cell_names(grid), *(w for c in cell_names(grid) for w in c.split("_"))]
+    texts += [question_text(None, "caption_shuffled", {}), *(re.sub(r"\{\w+\}", " ", t) for ts in NATURAL_QUESTIONS.values() for t in ts)]
+    texts += [w for ws in _WORDS_OF.values() for w in ws]
+    words = {w for t in texts for w in prompt_words(t)}
+    return sorted(words - {w.lower() for w in UNKNOWN_WORDS})
 
 
 # ------------------------------------------------------------------ datasets

@@ -260,7 +260,8 @@ class TrainSection:
     steps: int
     stage1_steps: int
     batch_size: int
-    caption_mix: float
+    micro_batches: int
+    mix: dict[str, float]
     qtype_weights: dict[str, float] | None
     lr_lm: float
     lr_vision: float
@@ -269,7 +270,13 @@ class TrainSection:
     warmup_steps: int
     decay_fraction: float
     grad_clip: float
+    lead_in: float
     aux_weight: float
+    option_aux_weight: float
+    option_aux_layer: int
+    answer_aux_weight: float
+    answer_aux_layer: int
+    init_from: str | None
     ckpt_every: int
     eval_every: int
     eval_samples: int

@@ -22,7 +22,13 @@ from omegaconf import DictConfig
 from dop.data import synthetic as syn
 from dop.models import load_model
 from dop.stages.config import TrainStage, load
-from dop.training.tiny_llava import TrainConfig, evaluate_accuracy, fit
+from dop.training.tiny_llava import (
+    TASK_TEST_SAMPLES,
+    TrainConfig,
+    evaluate_accuracy,
+    evaluate_task_formats,
+    fit,
+)
 
 log = logging.getLogger("dop.train")
 
@@ -60,5 +66,10 @@ def execute(conf: TrainStage) -> dict[str, Any]:
         info["chance"] = syn.chance_accuracy(test)
         log.info("test accuracy %.4f (chance %.3f, blind %.3f)", res["accuracy"], info["chance"]["chance"],
                  info["chance"]["blind"])
+        rows = syn.task_rows(conf.data.seed, "task_test", TASK_TEST_SAMPLES, grid=tc.arch.grid,
+                             image_size=tc.arch.image_size)  # held-out prompts in the 13 benchmarks' formats
+        tasks = evaluate_task_formats(model, proc, rows)
+        info["task_formats"] = {k: v for k, v in tasks.items() if k != "predictions"}
+        log.info("benchmark formats: %s", json.dumps(tasks["per_family"]))
     (run_dir / "train_info.json").write_text(json.dumps(info, indent=2))
     return info
