@@ -36,7 +36,10 @@ from dop.evaluation.local_tasks import (
 from dop.evaluation.local_tasks import main as local_tasks_main
 from dop.evaluation.plugin import MODEL_NAME, DopLMM
 from dop.evaluation.scoring import build_prompt
+from dop.flops import num_layers
 from dop.models import load_model
+from dop.ops import VISION
+from dop.policy import DepthPolicy
 
 # The keys a derived task may change: where the data comes from, its name, and (GQA) the image join
 # that lmms-eval's process_docs would download, (MMBench, judge off) the judged aggregation.
@@ -80,6 +83,33 @@ def test_benchmark_runs_lmms_eval_task_code_on_its_fixture(name, lm, tmp_path, m
     contexts = [s["arguments"][0] for s in sorted(res["samples"][task], key=lambda s: s["doc_id"])]
     contexts = [c[0] if isinstance(c, list) else c for c in contexts]
     assert contexts == _original_prompts(name, fx.path)
+    if name in ANSWERABLE:  # the embedded model answers through the task's own prompt and parser
+        assert values[bench.metric] / ANSWERABLE[name] >= 0.8, (name, values[bench.metric])
+
+
+# Benchmarks whose fixtures the embedded model can answer, by answer format (value = the metric's full
+# scale): short answer, yes/no, multiple-choice letters. Not here: MME (its total's scale depends on the
+# categories a fixture holds) and OCRBench (the text drawn into a 32-pixel image is below the tiny
+# tower's resolution).
+SHORT = {"gqa": 1, "vqav2_val": 1, "textvqa_val": 1, "vizwiz_vqa_val": 1, "ok_vqa_val2014": 1}
+YES_NO = {"pope": 1}
+CHOICE = {"scienceqa_img": 1, "seedbench": 1, "mmmu_val": 1, "mmbench_en_dev": 100, "mmbench_cn_dev": 100}
+ANSWERABLE = {**SHORT, **YES_NO, **CHOICE}
+
+
+@pytest.mark.parametrize("name", ["gqa", "pope", "scienceqa_img"])  # one per answer format
+def test_vision_pruned_from_layer_0_falls_to_near_chance(name, model_proc, tmp_path, monkeypatch):
+    """Without its image the model guesses: every vision operation skipped from layer 0 on."""
+    monkeypatch.chdir(tmp_path)
+    model, proc = model_proc
+    blind = DepthPolicy({("attn", VISION): 0, ("mlp", VISION): 0}).expand(num_layers(model))
+    lm = DopLMM.from_model(model, proc, policy=blind, batch_size=4)
+    fx = build_fixture(name, tmp_path / "data")
+    (bench,) = resolve(name, check=False)
+    bench = dataclasses.replace(bench, dataset_path=str(fx.path), judge=False)
+    names = benchmark_tasks(bench, tmp_path / "tasks")
+    score = bench.metric_values(evaluate(lm, tmp_path / "tasks", list(names))["results"], task_names=names)
+    assert score[bench.metric] / ANSWERABLE[name] <= 0.5, (name, score)  # dense: >= 0.8 (above)
 
 
 def _original_prompts(task: str, path: Path) -> list[str]:
