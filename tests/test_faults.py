@@ -88,3 +88,19 @@ def test_kill_9_mid_sweep_resumes_to_the_uninterrupted_store(tmp_path):
 
     subprocess.run(_sweep_cmd(run, out), check=True, capture_output=True, timeout=900)
     assert _points(run) == reference
+
+
+def test_search_store_links_resolve_from_a_relative_output_dir(tmp_path, monkeypatch):
+    """paths.output_dir=outputs (the default) is relative: the run's links into the store must not dangle."""
+    from dop.stages.store import SearchLocation
+
+    monkeypatch.chdir(tmp_path)
+    search = Path("outputs/searches/m/sweep-1/search-1")
+    (search / "policies").mkdir(parents=True)
+    (search / "search.json").write_text("{}")
+    loc = SearchLocation(search_dir=search, sweep_dir=None, lock_dir=Path("outputs/searches/m/sweep-1"))
+    run = Path("outputs/runs/m/pipeline")
+    loc.link(run)
+    loc.link(run)  # idempotent
+    assert (run / "search.json").read_text() == "{}" and (run / "policies").is_dir()
+    assert not Path(os.readlink(run / "search.json")).is_absolute()

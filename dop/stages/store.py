@@ -112,7 +112,10 @@ class SearchLocation:
             return
         run.mkdir(parents=True, exist_ok=True)
         for name in ("policies", "search.json"):
-            link, target = run / name, self.search_dir / name
+            # relative to the link's own folder (a path relative to the cwd, e.g. under the default
+            # paths.output_dir=outputs, would dangle); the outputs tree can still move as a whole
+            link = run / name
+            target = Path(os.path.relpath((self.search_dir / name).resolve(), run.resolve()))
             if link.is_symlink():
                 if Path(os.readlink(link)) == target:
                     continue
