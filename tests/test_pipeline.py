@@ -47,7 +47,7 @@ def test_pipeline_end_to_end(tmp_path):
         assert entry["flops"] <= entry["budget"]["flops"] * (1 + 1e-9)
         policy = Policy.from_yaml(run_dir / "policies" / f"{name}.yaml")
         assert not policy.is_identity and policy.num_layers == search["num_layers"]
-        assert entry["measured_kl"] is not None and entry["measured_kl"] >= 0
+        assert entry["measured_kl"] is not None and entry["measured_kl"] >= -1e-6  # float noise around 0 (store bound: -1e-5)
         assert (run_dir / "report" / f"policy_{name}.png").stat().st_size > 0  # the policy as a picture
     records = out["records"]
     dense = [r for r in records if r["method"] == "dense"]
