@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
+from test_sweep_store import _Killed, store_values
 
 from dop.cli import check_launch
 from dop.stages import CONF_DIR
@@ -34,14 +35,6 @@ from dop.sweep import PointScorer, SweepStore
 
 WORKER = Path(__file__).parent / "ddp_sweep_worker.py"
 ROOT = Path(__file__).parent.parent
-
-
-def store_values(store: SweepStore) -> dict:
-    out = {}
-    for p in store.points():
-        doc = store.read(p)
-        out[p.key] = (doc["kl"], tuple(doc["kl_per_sample"]), doc["fingerprint"])
-    return out
 
 
 def free_port() -> int:
@@ -58,10 +51,6 @@ def slurm_env(rank: int, ntasks: int, port: int) -> dict[str, str]:
                SLURM_NODELIST="127.0.0.1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     return env
-
-
-class _Killed(RuntimeError):
-    pass
 
 
 def test_ddp_sweep_equals_single_process_with_resume(tmp_path, monkeypatch):
